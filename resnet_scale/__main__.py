@@ -1,0 +1,5 @@
+import sys
+
+from resnet_scale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""``resnet-scale``: the command line. ``train`` now; ``plan``, ``report`` and ``bench`` come with
+the memory-planner, tracking and benchmark work.
+
+Bad input exits with status 2 and one message that says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from resnet_scale.config import ConfigError
+from resnet_scale.config_args import add_config_arguments, config_from_args
+
+EXIT_BAD_INPUT = 2
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_config_arguments(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-scale",
+        description="Train ResNets on CIFAR-10 and data like it; make them fit and go fast.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _train_parser(sub.add_parser(
+        "train", help="train a ResNet (one process, or many under accelerate launch / torchrun)",
+        description="Train a ResNet. --batch-size is the global batch over all processes.",
+    ))
+    sub.add_parser("zoo", help="print the table of blocks x depths: weighted layers and parameters")
+    return parser
+
+
+def _run_train(ns: argparse.Namespace) -> int:
+    from resnet_scale.data import DataError
+    from resnet_scale.train import train
+
+    try:
+        cfg = config_from_args(ns).validate()
+        train(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"resnet-scale train: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _run_zoo() -> int:
+    from resnet_scale.models import zoo_table
+
+    print("| block | depth | stages | weighted layers | parameters (10 classes) |")
+    print("|---|---|---|---|---|")
+    for row in zoo_table(num_classes=10, stem="imagenet"):
+        layers = ",".join(map(str, row["layers"]))
+        print(f"| {row['block']} | {row['depth']} | {layers} | {row['weighted_layers']} | {row['parameters'] / 1e6:.2f}M |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.command == "train":
+        return _run_train(ns)
+    if ns.command == "zoo":
+        return _run_zoo()
+    raise AssertionError(ns.command)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``launch/train.py``: the flags of ``resnet-scale train`` without the subcommand."""
+    parser = _train_parser(argparse.ArgumentParser(prog="launch/train.py", description="Train a ResNet."))
+    return _run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

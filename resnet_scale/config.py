@@ -1,0 +1,274 @@
+"""One typed config: nested dataclasses, one docstring (``help``) per field.
+
+The command line is generated from these fields (``config_args.py``), the whole resolved config
+is saved with every run (``config.json``) and sent to the trackers. No globals, no ``exec``
+(DESIGN.md rule 4, after torchtitan's ``job_config.py``).
+
+Flag names are the field names with dashes (``zero_init_residual`` -> ``--zero-init-residual``),
+unique across sections; a field may name its flag explicitly with ``metadata["flag"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+BLOCKS = ("plain", "basic", "bottleneck")
+STEMS = ("auto", "cifar", "imagenet")
+SOURCES = ("cifar10", "cifar100", "digits", "synthetic", "imagefolder")
+SCHEDULES = ("cosine", "onecycle", "constant")
+AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Sources whose images are not mirror-symmetric: horizontal flips would change their meaning.
+_NO_FLIP_SOURCES = ("digits",)
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work. The message says what to change."""
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A config field with its documentation (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ModelConfig:
+    """Which ResNet to build (``resnet_scale.models.build_resnet``)."""
+
+    block: Literal["plain", "basic", "bottleneck"] = _f(
+        "basic",
+        "Residual block: 'plain' (two 3x3 convs, no shortcut), 'basic' (two 3x3 convs + shortcut), "
+        "'bottleneck' (1x1-3x3-1x1, expansion 4).",
+    )
+    depth: int = _f(
+        18,
+        "Depth: 18, 34, 50, 101, 152 name the standard stage layouts for any block; other depths "
+        "are the CIFAR family of He et al. 2016 (6n+2 for plain/basic, 9n+2 for bottleneck).",
+    )
+    layers: Optional[tuple[int, ...]] = _f(
+        None, "Explicit blocks per stage, e.g. 3,4,6,3 (4 stages, widths 64..512) or 8,8,8 "
+        "(3 stages, widths 16/32/64); overrides --depth."
+    )
+    stem: Literal["auto", "cifar", "imagenet"] = _f(
+        "auto",
+        "Stem: 'cifar' (3x3 stride 1, no max-pool), 'imagenet' (7x7 stride 2 + max-pool, "
+        "torchvision-compatible); 'auto' picks cifar for images <= 64 px.",
+    )
+    zero_init_residual: bool = _f(
+        False, "Zero the last BatchNorm of each residual branch (Goyal et al. 2017); basic/bottleneck only."
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are fed (``resnet_scale.data``)."""
+
+    source: Literal["cifar10", "cifar100", "digits", "synthetic", "imagefolder"] = _f(
+        "digits",
+        "Dataset. 'digits' (scikit-learn's 8x8 digits) and 'synthetic' work offline; cifar10/100 "
+        "download through Hugging Face datasets unless --data-dir holds them.",
+        flag="data",
+    )
+    data_dir: Optional[str] = _f(
+        None, "Folder with cifar-10-batches-py / cifar-100-python, a saved or parquet HF dataset, "
+        "or train/ and test/ class folders for imagefolder."
+    )
+    image_size: Optional[int] = _f(None, "Train/test image side in pixels; default: the source's own size.")
+    download: bool = _f(True, "Allow downloading cifar10/cifar100 when --data-dir does not hold them.")
+    augment: Literal["auto", "none", "crop", "flip", "crop+flip"] = _f(
+        "auto", "Training augmentation on the device; 'auto' = crop+flip, crop only for digits."
+    )
+    crop_padding: Optional[int] = _f(None, "Zero padding of the random crop in pixels; default image_size // 8.")
+    synthetic_train_samples: int = _f(1024, "Images in the synthetic train split.")
+    synthetic_test_samples: int = _f(256, "Images in the synthetic test split.")
+    synthetic_classes: int = _f(10, "Classes of the synthetic source.")
+
+    def resolved_augment(self) -> tuple[bool, bool]:
+        """(crop, flip) after resolving 'auto' for this source."""
+        mode = self.augment
+        if mode == "auto":
+            mode = "crop" if self.source in _NO_FLIP_SOURCES else "crop+flip"
+        return "crop" in mode, "flip" in mode
+
+
+@dataclass
+class OptimConfig:
+    """SGD with Nesterov momentum and a per-step learning-rate schedule."""
+
+    lr: float = _f(0.2, "Peak learning rate for the global batch (after warmup).")
+    momentum: float = _f(0.9, "SGD momentum.")
+    nesterov: bool = _f(True, "Nesterov momentum (Sutskever et al. 2013).")
+    weight_decay: float = _f(5e-4, "L2 weight decay, not applied to BatchNorm parameters or biases.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss (Szegedy et al. 2016).")
+    schedule: Literal["cosine", "onecycle", "constant"] = _f(
+        "cosine", "Learning-rate schedule over optimizer steps: linear warmup then cosine to 0, "
+        "one-cycle (linear up, linear down), or constant after warmup."
+    )
+    warmup_epochs: float = _f(1.0, "Linear warmup length in epochs (fractions allowed).")
+
+
+@dataclass
+class TrainConfig:
+    """How long, on what, and where the run's files go."""
+
+    epochs: int = _f(10, "Training epochs (ignored when --max-steps is given).")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps instead of --epochs.")
+    batch_size: int = _f(128, "Global batch size: images per optimizer step over all processes.")
+    seed: int = _f(0, "Seed for weights, data order and augmentation.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Training device; 'auto' uses the GPU when there is one.")
+    output_dir: str = _f("runs", "Folder that holds one sub-folder per run.")
+    run_name: Optional[str] = _f(None, "Name of this run's folder; default: generated from model, data and time.")
+    log_every: int = _f(10, "Write a train metrics line every N optimizer steps.")
+    eval_every: int = _f(1, "Evaluate on the test split every N epochs (and always at the end).")
+    deterministic: bool = _f(False, "Use deterministic algorithms (slower; for exact reproducibility).")
+
+
+@dataclass
+class Config:
+    """The whole run. Sections map to argument groups of ``resnet-scale train --help``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- derived settings ------------------------------------------------------------------
+    def image_size(self) -> int:
+        """The image side actually trained on."""
+        if self.data.image_size is not None:
+            return self.data.image_size
+        from resnet_scale.data import native_image_size
+
+        size = native_image_size(self.data.source)
+        if size is None:
+            raise ConfigError(f"--data {self.data.source} has no native image size; give --image-size N.")
+        return size
+
+    def stem(self) -> str:
+        """'cifar' or 'imagenet' after resolving 'auto' (cifar for images <= 64 px)."""
+        if self.model.stem != "auto":
+            return self.model.stem
+        return "cifar" if self.image_size() <= 64 else "imagenet"
+
+    def layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(blocks per stage, stage widths), validated against the block."""
+        from resnet_scale.models import resolve_layers
+
+        try:
+            return resolve_layers(self.model.block, self.model.depth, self.model.layers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def validate(self) -> "Config":
+        """Refuse settings that cannot work, with the numbers and what to change (rule 6)."""
+        m, d, o, t = self.model, self.data, self.optim, self.train
+        self.layers()
+        if m.zero_init_residual and m.block == "plain":
+            raise ConfigError(
+                "--zero-init-residual zeroes the last BatchNorm of a residual branch, but plain blocks "
+                "have no shortcut: it would zero the whole signal. Drop --zero-init-residual or use "
+                "--block basic/bottleneck."
+            )
+        if d.source == "imagefolder" and not d.data_dir:
+            raise ConfigError("--data imagefolder reads train/ and test/ class folders: give --data-dir PATH.")
+        if d.image_size is not None and d.image_size < 8:
+            raise ConfigError(f"--image-size {d.image_size} is too small; use 8 or more pixels.")
+        size = self.image_size()
+        if self.stem() == "imagenet" and size < 32:
+            raise ConfigError(
+                f"--stem imagenet downsamples 32x before the last stage; --image-size {size} is too small. "
+                "Use --stem cifar or --image-size 32 or more."
+            )
+        if d.crop_padding is not None and not 0 <= d.crop_padding < size:
+            raise ConfigError(f"--crop-padding {d.crop_padding} must be in [0, {size}) for {size}-px images.")
+        for name, value, low in (
+            ("--synthetic-train-samples", d.synthetic_train_samples, 1),
+            ("--synthetic-test-samples", d.synthetic_test_samples, 1),
+            ("--synthetic-classes", d.synthetic_classes, 2),
+            ("--epochs", t.epochs, 1),
+            ("--batch-size", t.batch_size, 1),
+            ("--log-every", t.log_every, 1),
+            ("--eval-every", t.eval_every, 1),
+        ):
+            if value < low:
+                raise ConfigError(f"{name} {value} must be at least {low}.")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ConfigError(f"--max-steps {t.max_steps} must be at least 1 (or omit it to use --epochs).")
+        if o.lr <= 0:
+            raise ConfigError(f"--lr {o.lr} must be positive.")
+        if not 0 <= o.momentum < 1:
+            raise ConfigError(f"--momentum {o.momentum} must be in [0, 1).")
+        if o.nesterov and o.momentum == 0:
+            raise ConfigError("--nesterov needs --momentum > 0; add --no-nesterov or set --momentum 0.9.")
+        if o.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {o.weight_decay} must be >= 0.")
+        if not 0 <= o.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing {o.label_smoothing} must be in [0, 1).")
+        if o.warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs {o.warmup_epochs} must be >= 0.")
+        if t.run_name is not None:
+            from resnet_scale.train.run_dir import check_run_name
+
+            check_run_name(t.run_name)
+        return self
+
+    # -- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return json.loads(json.dumps(out))  # tuples -> lists, plain JSON types only
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base: "Config | None" = None) -> "Config":
+        """Overlay a nested dict (as saved in config.json) on ``base`` (default: the defaults).
+
+        Unknown sections or keys are errors that list the valid ones. Keys that are not config
+        sections (``versions``, ``git_commit`` ... saved beside it in config.json) are ignored.
+        """
+        from resnet_scale.config_args import coerce_value
+
+        cfg = copy.deepcopy(base) if base is not None else cls()
+        sections = {s.name for s in dataclasses.fields(cls)}
+        for section, values in raw.items():
+            if section not in sections:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}.")
+            target = getattr(cfg, section)
+            names = {f.name: f for f in dataclasses.fields(target)}
+            for key, value in values.items():
+                if key not in names:
+                    raise ConfigError(
+                        f"unknown config key '{section}.{key}'; valid keys of '{section}': {', '.join(names)}."
+                    )
+                setattr(target, key, coerce_value(type(target), names[key], value, f"{section}.{key}"))
+        return cfg
+
+
+def load_config_file(path: str | Path, base: Config | None = None) -> Config:
+    """Read a YAML or JSON config (nested by section, as ``config.json`` of a run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file.")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except Exception as err:  # the parser's own message says where
+        raise ConfigError(f"--config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of sections (model, data, optim, train).")
+    if "config" in raw and isinstance(raw["config"], dict):  # a run's config.json wraps it
+        raw = raw["config"]
+    return Config.from_dict(raw, base)

@@ -1,0 +1,139 @@
+"""A run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.safetensors``.
+
+Only the main process writes (the trainer guarantees that). Files that describe a finished run
+are written to a temporary name and renamed, so a crash never leaves half a file under the real
+name, and nothing of an earlier run is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnet_scale.config import Config, ConfigError
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path component: it cannot escape ``--output-dir``."""
+    if not _RUN_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(
+            f"--run-name {name!r} is not allowed: use 1-128 letters, digits and . _ + = - "
+            "(no slashes, no leading dot), so the run stays inside --output-dir."
+        )
+    return name
+
+
+def default_run_name(cfg: Config) -> str:
+    layers = cfg.model.layers
+    arch = f"{cfg.model.block}-{'x'.join(map(str, layers))}" if layers else f"{cfg.model.block}{cfg.model.depth}"
+    return f"{arch}-{cfg.data.source}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, when there is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and hardware, saved with the config so runs can be compared honestly."""
+    import accelerate
+    import torchvision
+
+    import resnet_scale
+
+    info: dict[str, Any] = {
+        "resnet_scale": resnet_scale.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+    }
+    return info
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """The folder of one run. Creating it refuses to reuse a folder that already holds a run."""
+
+    def __init__(self, output_dir: str | Path, run_name: str):
+        self.path = Path(output_dir) / check_run_name(run_name)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self._metrics = None
+
+    def create(self) -> "RunDir":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--output-dir {self.path.parent}: cannot create it ({err.strerror}).") from None
+        if not os.access(self.path.parent, os.W_OK):
+            raise ConfigError(f"--output-dir {self.path.parent} is not writable; choose another --output-dir.")
+        if self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(
+                f"run folder {self.path} already holds a run; nothing was changed. "
+                "Choose another --run-name (or leave it out for a generated one)."
+            )
+        self.path.mkdir(exist_ok=True)
+        return self
+
+    def write_config(self, cfg: Config, extra: dict[str, Any]) -> None:
+        payload = {"config": cfg.to_dict(), **extra}
+        _atomic_write(self.path / "config.json", json.dumps(payload, indent=2) + "\n")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one event to metrics.jsonl (flushed at once: a killed run keeps its history)."""
+        if self._metrics is None:
+            self._metrics = open(self.metrics_path, "a", buffering=1)
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def save_weights(self, state_dict: dict[str, torch.Tensor]) -> Path:
+        """Final weights as ``model.safetensors`` (contiguous, on CPU; loads into a plain model)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        target = self.path / "model.safetensors"
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, target)
+        return target
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` (never unpickles anything)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

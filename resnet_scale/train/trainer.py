@@ -1,0 +1,245 @@
+"""The training loop. It touches the framework at a few named seams only: ``prepare``,
+``backward``, ``reduce`` (metrics over ranks) and ``wait_for_everyone`` (DESIGN.md rule 5).
+
+Data flows one way: config -> data -> model -> accelerator -> loop -> run files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from resnet_scale.config import Config, ConfigError
+from resnet_scale.data import DeviceLoader, ImageSet, build_datasets
+from resnet_scale.distributed import build_accelerator
+from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
+from resnet_scale.train.optim import build_optimizer, build_scheduler
+from resnet_scale.train.progress import Progress
+from resnet_scale.train.run_dir import RunDir, default_run_name, environment_info
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last log line, kept on the device (no sync per step)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+    started: float = 0.0
+
+    @classmethod
+    def new(cls, device: torch.device) -> "_Window":
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zero(), zero(), zero(), time.perf_counter())
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.numel()
+        self.loss_sum += loss.detach().double() * n
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.count += n
+
+
+def _reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
+    """Sum scalars over all ranks (one collective) and return them as Python floats."""
+    stacked = torch.stack([v.double() for v in values])
+    return accelerator.reduce(stacked, reduction="sum").tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, accelerator: Accelerator) -> dict[str, float]:
+    """Loss and accuracy over the whole test split, each sample counted exactly once over all
+    ranks: the loader shards the split without padding, and per-rank sums are reduced."""
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for images, labels in loader:
+        if labels.numel() == 0:  # an empty tail shard on this rank keeps the batch count equal
+            continue
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    model.train()
+    total_loss, total_correct, total = _reduce_sums(accelerator, loss_sum, correct, count)
+    return {"loss": total_loss / total, "accuracy": total_correct / total, "samples": int(total)}
+
+
+def _build_data(cfg: Config) -> tuple[ImageSet, ImageSet]:
+    d = cfg.data
+    return build_datasets(
+        d.source,
+        data_dir=d.data_dir,
+        image_size=d.image_size,
+        download=d.download,
+        seed=cfg.train.seed,
+        synthetic_samples=(d.synthetic_train_samples, d.synthetic_test_samples),
+        num_classes=d.synthetic_classes,
+    )
+
+
+def _set_determinism(cfg: Config) -> None:
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train as configured; returns the summary also written to ``summary.json``."""
+    cfg.validate()
+    accelerator = build_accelerator(cfg)
+    main = accelerator.is_main_process
+    set_seed(cfg.train.seed)
+    _set_determinism(cfg)
+
+    train_set, test_set = _build_data(cfg)
+    layers, _ = cfg.layers()
+    model = build_resnet(
+        cfg.model.block,
+        cfg.model.depth,
+        stem=cfg.stem(),
+        num_classes=len(train_set.classes),
+        layers=cfg.model.layers,
+        zero_init_residual=cfg.model.zero_init_residual,
+    )
+    num_parameters = count_parameters(model)
+    weighted_layers = count_weighted_layers(cfg.model.block, layers)
+
+    world = accelerator.num_processes
+    if cfg.train.batch_size % world:
+        raise ConfigError(
+            f"--batch-size {cfg.train.batch_size} (the global batch) is not divisible by the "
+            f"{world} processes; use a multiple of {world}, e.g. {cfg.train.batch_size // world * world or world}."
+        )
+    crop, flip = cfg.data.resolved_augment()
+    image_size = cfg.image_size()
+    padding = cfg.data.crop_padding if cfg.data.crop_padding is not None else image_size // 8
+    loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world, seed=cfg.train.seed)
+    train_loader = DeviceLoader(
+        train_set, batch_size=cfg.train.batch_size, train=True,
+        crop_padding=padding if crop else 0, flip=flip, **loader_args,
+    )
+    test_loader = DeviceLoader(test_set, batch_size=cfg.train.batch_size, train=False, **loader_args)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    name = [cfg.train.run_name or default_run_name(cfg)]
+    if world > 1:  # generated names hold the time: every rank must use the main process's
+        broadcast_object_list(name)
+    run = RunDir(cfg.train.output_dir, name[0])
+    if main:
+        run.create()
+        run.write_config(cfg, {"environment": environment_info(), "world_size": world,
+                               "num_parameters": num_parameters, "weighted_layers": weighted_layers})
+    accelerator.wait_for_everyone()
+
+    progress = Progress(total_steps, enabled=main)
+    progress.message(
+        f"resnet-scale: {describe(cfg.model.block, layers, model)}, {cfg.stem()} stem | "
+        f"{cfg.data.source} {len(train_set)} train / {len(test_set)} test at {image_size}px | "
+        f"{world} process(es) on {accelerator.device} | {epochs} epoch(s), {total_steps} steps | run {run.path}"
+    )
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+
+    step, best, last_eval = 0, 0.0, None
+    train_time, train_images = 0.0, 0
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        train_loader.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        window = _Window.new(accelerator.device)
+        for epoch_step, (images, labels) in enumerate(train_loader, start=1):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()  # counts optimizer steps (not passed through prepare: see optim.py)
+            optimizer.zero_grad(set_to_none=True)
+            window.add(loss, logits, labels)
+            step += 1
+            at_end = step == total_steps or epoch_step == steps_per_epoch
+            if step % cfg.train.log_every == 0 or at_end:
+                loss_sum, correct, count = _reduce_sums(accelerator, window.loss_sum, window.correct, window.count)
+                elapsed = time.perf_counter() - window.started
+                train_time += elapsed
+                train_images += int(count)
+                record = {
+                    "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "split": "train",
+                    "loss": loss_sum / count, "accuracy": correct / count,
+                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": count / elapsed,
+                    "time_s": time.perf_counter() - started,
+                }
+                if main:
+                    run.log(record)
+                progress.update(step, epoch + 1, {"loss": record["loss"], "acc": record["accuracy"],
+                                                  "img/s": record["images_per_s"]}, log_line=True)
+                window = _Window.new(accelerator.device)
+            else:
+                progress.update(step, epoch + 1, {}, log_line=False)
+            if step == total_steps:
+                break
+
+        is_last = step == total_steps
+        if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
+            last_eval = evaluate(model, test_loader, accelerator)
+            best = max(best, last_eval["accuracy"])
+            record = {"step": step, "epoch": epoch + 1, "split": "test", "loss": last_eval["loss"],
+                      "accuracy": last_eval["accuracy"], "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": None, "samples": last_eval["samples"],
+                      "epoch_time_s": time.perf_counter() - epoch_start, "time_s": time.perf_counter() - started}
+            if main:
+                run.log(record)
+            progress.message(
+                f"epoch {epoch + 1}/{epochs}: test loss {last_eval['loss']:.4f} "
+                f"accuracy {last_eval['accuracy']:.2%} (best {best:.2%}) in {record['epoch_time_s']:.1f}s"
+            )
+        if is_last:
+            break
+    progress.close()
+
+    summary = {
+        "final_accuracy": last_eval["accuracy"] if last_eval else None,
+        "best_accuracy": best if last_eval else None,
+        "final_test_loss": last_eval["loss"] if last_eval else None,
+        "wall_time_s": time.perf_counter() - started,
+        "images_per_s": train_images / train_time if train_time else None,
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
+                              if accelerator.device.type == "cuda" else None),
+        "num_parameters": num_parameters,
+        "weighted_layers": weighted_layers,
+        "steps": step,
+        "epochs": epochs,
+        "world_size": world,
+        "run_dir": str(run.path),
+    }
+    accelerator.wait_for_everyone()
+    if main:
+        run.save_weights(accelerator.unwrap_model(model).state_dict())
+        run.write_summary(summary)
+        run.close()
+        progress.message(
+            f"done: final accuracy {summary['final_accuracy']:.2%}, best {summary['best_accuracy']:.2%}, "
+            f"{summary['wall_time_s']:.0f}s, {summary['images_per_s']:.0f} img/s -> {run.path}"
+        )
+    accelerator.end_training()
+    return summary
