@@ -6,6 +6,8 @@ environment, so the same call serves one process and many (DDP over NCCL on GPUs
 
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import Accelerator
 
@@ -23,4 +25,8 @@ def resolve_device(requested: str) -> str:
 
 def build_accelerator(cfg: Config) -> Accelerator:
     device = resolve_device(cfg.train.device)
+    if device == "cpu":
+        # Accelerate imports DeepSpeed (when installed) to unwrap models; tell DeepSpeed the
+        # accelerator up front instead of letting it warn that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Accelerator(cpu=device == "cpu")
