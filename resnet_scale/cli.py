@@ -7,6 +7,7 @@ Bad input exits with status 2 and one message that says what was wrong and what 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from resnet_scale.config import ConfigError
@@ -38,6 +39,9 @@ def _run_train(ns: argparse.Namespace) -> int:
     from resnet_scale.data import DataError
     from resnet_scale.train import train
 
+    # apply_* transforms and the planner say what they did through this logger (main process only).
+    logging.basicConfig(format="resnet-scale: %(message)s", level=logging.WARNING)
+    logging.getLogger("resnet_scale").setLevel(logging.INFO)
     try:
         cfg = config_from_args(ns).validate()
         train(cfg)

@@ -116,6 +116,41 @@ class OptimConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What activations cost and how many are alive at once (``resnet_scale.memory``).
+
+    ``None`` means "not set": fp32 / off / no micro-batching, or what ``--low-memory`` picks."""
+
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = _f(
+        None, "Autocast precision; BatchNorm and the weights stay fp32, fp16 uses loss scaling "
+        "(default fp32; bf16 under --low-memory)."
+    )
+    channels_last: Optional[bool] = _f(
+        None, "Model and every batch in channels_last (NHWC) memory format (default off; on under --low-memory)."
+    )
+    checkpointing: Optional[str] = _f(
+        None, "Activation checkpointing policy: none, block, stage, sqrt or every:K; BatchNorm-safe "
+        "(default none; block under --low-memory)."
+    )
+    checkpoint_impl: Literal["native", "fairscale"] = _f(
+        "native", "Checkpointing implementation: torch.utils.checkpoint with a BatchNorm fix, or fairscale's "
+        "checkpoint_wrapper (pip install 'resnet-scale[fairscale]')."
+    )
+    micro_batch_size: Optional[int] = _f(
+        None, "Images per forward/backward on each device; the per-device batch is accumulated over "
+        "micro-batches (default: the whole per-device batch; <= 64 under --low-memory)."
+    )
+    offload_activations: bool = _f(
+        False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
+    )
+    compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator).")
+    low_memory: bool = _f(
+        False, "One switch for a single small GPU: bf16 + channels_last + block checkpointing + a "
+        "micro-batch that divides the per-device batch; flags given explicitly win."
+    )
+
+
+@dataclass
 class TrainConfig:
     """How long, on what, and where the run's files go."""
 
@@ -138,6 +173,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # -- derived settings ------------------------------------------------------------------

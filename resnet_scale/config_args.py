@@ -73,7 +73,11 @@ def _parse_scalar(tp: Any, text: Any, where: str) -> Any:
 
 def coerce_value(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     tp, optional = _unwrap_optional(_field_types(cls)[f.name])
-    if optional and (value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS)):
+    if optional and value is None:
+        return None
+    # "none" unsets a number or a choice (--max-steps none); for a free string it is the string
+    # itself (--checkpointing none is a policy, not "unset").
+    if optional and tp is not str and isinstance(value, str) and value.lower() in _NONE_WORDS:
         return None
     return _parse_scalar(tp, value, where)
 
@@ -109,11 +113,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Con
         sub = getattr(defaults, section.name)
         group = parser.add_argument_group(section.name, (type(sub).__doc__ or "").strip())
         for f in dataclasses.fields(sub):
-            tp, optional = _unwrap_optional(_field_types(type(sub))[f.name])
+            tp, _ = _unwrap_optional(_field_types(type(sub))[f.name])
             default = getattr(sub, f.name)
             kwargs: dict[str, Any] = {"dest": f"{section.name}.{f.name}", "default": argparse.SUPPRESS}
             help_text = f"{f.metadata.get('help', '')} (default: {_show_default(default)})"
-            if tp is bool and not optional:
+            if tp is bool:  # --flag / --no-flag; an Optional[bool] stays None when neither is given
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = _argparse_type(type(sub), f)
@@ -147,8 +151,8 @@ def config_to_argv(cfg: Config) -> list[str]:
             value = getattr(sub, f.name)
             if value == getattr(base, f.name):
                 continue
-            tp, optional = _unwrap_optional(_field_types(type(sub))[f.name])
-            if tp is bool and not optional:
+            tp, _ = _unwrap_optional(_field_types(type(sub))[f.name])
+            if tp is bool and value is not None:
                 argv.append(flag_name(f) if value else "--no-" + flag_name(f)[2:])
             else:
                 argv += [flag_name(f), _show_default(value)]

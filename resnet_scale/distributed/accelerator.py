@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from resnet_scale.config import Config, ConfigError
+from resnet_scale.memory.settings import MemorySettings
 
 
 def resolve_device(requested: str) -> str:
@@ -23,10 +24,28 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def world_size_from_env() -> int:
+    """Processes in this job as the launcher (torchrun, accelerate launch, SLURM via torchrun)
+    announced them, known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(cfg: Config, memory: MemorySettings | None = None) -> Accelerator:
+    """The Accelerator for this run: device, autocast precision and gradient accumulation
+    (micro-batches per optimizer step) come from the resolved memory settings."""
     device = resolve_device(cfg.train.device)
     if device == "cpu":
         # Accelerate imports DeepSpeed (when installed) to unwrap models; tell DeepSpeed the
         # accelerator up front instead of letting it warn that it found no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return Accelerator(cpu=device == "cpu")
+    accelerator = Accelerator(
+        cpu=device == "cpu",
+        mixed_precision=memory.mixed_precision if memory else "no",
+        gradient_accumulation_steps=memory.accumulation_steps if memory else 1,
+    )
+    if memory and accelerator.num_processes != world_size_from_env():
+        raise ConfigError(
+            f"the launcher announced {world_size_from_env()} processes but Accelerate sees "
+            f"{accelerator.num_processes}; the batch split would be wrong. Launch with torchrun or accelerate launch."
+        )
+    return accelerator

@@ -6,6 +6,7 @@ Data flows one way: config -> data -> model -> accelerator -> loop -> run files.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -17,12 +18,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from resnet_scale.config import Config, ConfigError
+from resnet_scale.config import Config
 from resnet_scale.data import DeviceLoader, ImageSet, build_datasets
-from resnet_scale.distributed import build_accelerator
+from resnet_scale.distributed.accelerator import build_accelerator, resolve_device, world_size_from_env
+from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
 from resnet_scale.train.optim import build_optimizer, build_scheduler
 from resnet_scale.train.progress import Progress
+from resnet_scale.train.step import StepResult, train_step
 from resnet_scale.train.run_dir import RunDir, default_run_name, environment_info
 
 
@@ -40,11 +43,10 @@ class _Window:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         return cls(zero(), zero(), zero(), time.perf_counter())
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        n = labels.numel()
-        self.loss_sum += loss.detach().double() * n
-        self.correct += (logits.detach().argmax(1) == labels).sum()
-        self.count += n
+    def add(self, result: StepResult) -> None:
+        self.loss_sum += result.loss_sum
+        self.correct += result.correct
+        self.count += result.count
 
 
 def _reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
@@ -99,8 +101,11 @@ def _set_determinism(cfg: Config) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; returns the summary also written to ``summary.json``."""
     cfg.validate()
-    accelerator = build_accelerator(cfg)
+    device_type = resolve_device(cfg.train.device)
+    memory = resolve_memory(cfg, world_size=world_size_from_env(), device_type=device_type)
+    accelerator = build_accelerator(cfg, memory)
     main = accelerator.is_main_process
+    logging.getLogger("resnet_scale").setLevel(logging.INFO if main else logging.WARNING)
     set_seed(cfg.train.seed)
     _set_determinism(cfg)
 
@@ -118,15 +123,11 @@ def train(cfg: Config) -> dict[str, Any]:
     weighted_layers = count_weighted_layers(cfg.model.block, layers)
 
     world = accelerator.num_processes
-    if cfg.train.batch_size % world:
-        raise ConfigError(
-            f"--batch-size {cfg.train.batch_size} (the global batch) is not divisible by the "
-            f"{world} processes; use a multiple of {world}, e.g. {cfg.train.batch_size // world * world or world}."
-        )
     crop, flip = cfg.data.resolved_augment()
     image_size = cfg.image_size()
     padding = cfg.data.crop_padding if cfg.data.crop_padding is not None else image_size // 8
-    loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world, seed=cfg.train.seed)
+    loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world,
+                       seed=cfg.train.seed, channels_last=memory.channels_last)
     train_loader = DeviceLoader(
         train_set, batch_size=cfg.train.batch_size, train=True,
         crop_padding=padding if crop else 0, flip=flip, **loader_args,
@@ -139,7 +140,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    model = apply_memory_transforms(model, memory)  # after the optimizer saw the parameters: same tensors
     model, optimizer = accelerator.prepare(model, optimizer)
+    offload = activation_offload(memory, accelerator.device)
 
     name = [cfg.train.run_name or default_run_name(cfg)]
     if world > 1:  # generated names hold the time: every rank must use the main process's
@@ -147,7 +150,7 @@ def train(cfg: Config) -> dict[str, Any]:
     run = RunDir(cfg.train.output_dir, name[0])
     if main:
         run.create()
-        run.write_config(cfg, {"environment": environment_info(), "world_size": world,
+        run.write_config(cfg, {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
                                "num_parameters": num_parameters, "weighted_layers": weighted_layers})
     accelerator.wait_for_everyone()
 
@@ -157,10 +160,11 @@ def train(cfg: Config) -> dict[str, Any]:
         f"{cfg.data.source} {len(train_set)} train / {len(test_set)} test at {image_size}px | "
         f"{world} process(es) on {accelerator.device} | {epochs} epoch(s), {total_steps} steps | run {run.path}"
     )
+    progress.message(f"memory: {memory.describe()}")
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
-    step, best, last_eval = 0, 0.0, None
+    step, best, last_eval, skipped = 0, 0.0, None, 0
     train_time, train_images = 0.0, 0
     started = time.perf_counter()
     model.train()
@@ -169,13 +173,14 @@ def train(cfg: Config) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         window = _Window.new(accelerator.device)
         for epoch_step, (images, labels) in enumerate(train_loader, start=1):
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()  # counts optimizer steps (not passed through prepare: see optim.py)
-            optimizer.zero_grad(set_to_none=True)
-            window.add(loss, logits, labels)
+            result = train_step(accelerator, model, optimizer, images, labels,
+                                accumulation_steps=memory.accumulation_steps,
+                                label_smoothing=cfg.optim.label_smoothing, offload=offload)
+            if result.stepped:
+                scheduler.step()  # counts optimizer steps (not passed through prepare: see optim.py)
+            else:
+                skipped += 1  # fp16 loss scaling found inf/nan gradients and skipped the update
+            window.add(result)
             step += 1
             at_end = step == total_steps or epoch_step == steps_per_epoch
             if step % cfg.train.log_every == 0 or at_end:
@@ -228,7 +233,9 @@ def train(cfg: Config) -> dict[str, Any]:
         "num_parameters": num_parameters,
         "weighted_layers": weighted_layers,
         "steps": step,
+        "skipped_steps": skipped,
         "epochs": epochs,
+        "memory": memory.as_dict(),
         "world_size": world,
         "run_dir": str(run.path),
     }

@@ -1,0 +1,72 @@
+"""One optimizer step over a device's batch, as micro-batches accumulated through
+``accelerator.accumulate`` (gradient accumulation the framework knows about: DDP syncs only on
+the last micro-batch, DeepSpeed uses its own accumulation, no double scaling).
+
+Loss scaling: each micro-batch's loss is its *sum* over images divided by the images of the
+whole per-device batch, times the accumulation steps (``accelerator.backward`` divides by them
+again). The accumulated gradient therefore equals the full batch's mean-loss gradient exactly,
+also for a short last batch split unevenly. What differs from one big batch is BatchNorm: in
+training mode it normalises each micro-batch with that micro-batch's own statistics
+(Ioffe & Szegedy 2015), so very small micro-batches make those statistics noisy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # sum of per-image losses over this device's batch (float64, on device)
+    correct: torch.Tensor  # correctly classified images (on device)
+    count: int  # images in this device's batch
+    stepped: bool  # False when fp16 loss scaling skipped the update (inf/nan gradients)
+
+
+def split_micro_batches(images: torch.Tensor, labels: torch.Tensor, steps: int):
+    """``steps`` micro-batches of near-equal size; when there are fewer images than steps, the
+    empty ones come first so the last (gradient-syncing) micro-batch is never empty."""
+    chunks = list(zip(images.tensor_split(steps), labels.tensor_split(steps)))
+    return sorted(chunks, key=lambda c: c[1].numel())  # stable: equal sizes keep their order
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    accumulation_steps: int = 1,
+    label_smoothing: float = 0.0,
+    offload=None,
+) -> StepResult:
+    """Forward/backward every micro-batch, then one optimizer step (inside the last
+    ``accumulate`` context, where Accelerate lets it through)."""
+    if accumulation_steps != accelerator.gradient_accumulation_steps:
+        raise ValueError(
+            f"accumulation_steps {accumulation_steps} differs from the accelerator's "
+            f"gradient_accumulation_steps {accelerator.gradient_accumulation_steps}"
+        )
+    n = labels.numel()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    for x, y in split_micro_batches(images, labels, accumulation_steps):
+        with accelerator.accumulate(model):
+            if y.numel():
+                with offload if offload is not None else contextlib.nullcontext():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
+                accelerator.backward(loss * (accumulation_steps / n))
+                loss_sum += loss.detach().double()
+                correct += (logits.detach().argmax(1) == y).sum()
+            optimizer.step()  # a no-op until the last micro-batch (Accelerate checks sync_gradients)
+            optimizer.zero_grad(set_to_none=True)
+    stepped = not getattr(optimizer, "step_was_skipped", False)
+    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped)
