@@ -108,6 +108,7 @@ class OptimConfig:
     nesterov: bool = _f(True, "Nesterov momentum (Sutskever et al. 2013).")
     weight_decay: float = _f(5e-4, "L2 weight decay, not applied to BatchNorm parameters or biases.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss (Szegedy et al. 2016).")
+    max_grad_norm: Optional[float] = _f(None, "Clip the gradient norm to this value (default: no clipping).")
     schedule: Literal["cosine", "onecycle", "constant"] = _f(
         "cosine", "Learning-rate schedule over optimizer steps: linear warmup then cosine to 0, "
         "one-cycle (linear up, linear down), or constant after warmup."
@@ -151,6 +152,33 @@ class MemoryConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the processes share the work (``resnet_scale.distributed``). Launch with
+    ``accelerate launch`` or ``torchrun``; ``--batch-size`` stays the global batch."""
+
+    distributed: Literal["auto", "ddp", "deepspeed"] = _f(
+        "auto", "Engine: DDP, or DeepSpeed ZeRO; 'auto' = deepspeed when --zero-stage >= 1, --offload or "
+        "--ds-config is given, else DDP."
+    )
+    zero_stage: Optional[int] = _f(
+        None, "DeepSpeed ZeRO stage 0-3 (1 shards optimizer states, 2 also gradients, 3 also parameters); "
+        "default: the --ds-config file's stage."
+    )
+    offload: Optional[Literal["none", "optimizer", "optimizer+params"]] = _f(
+        None, "ZeRO offload to CPU memory: optimizer states (stage >= 1), and parameters (stage 3); "
+        "default: the --ds-config file's, else none."
+    )
+    ds_config: Optional[str] = _f(
+        None, "DeepSpeed JSON config; its \"auto\" values are filled from these flags, a value that "
+        "contradicts a flag is an error (templates in ds_configs/)."
+    )
+    sync_bn: bool = _f(False, "Synchronise BatchNorm statistics over all processes (for small per-device batches).")
+    record_samples: bool = _f(
+        False, "Write samples.json: the dataset indices each process trained on, per epoch (audits sharding)."
+    )
+
+
+@dataclass
 class TrainConfig:
     """How long, on what, and where the run's files go."""
 
@@ -174,6 +202,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # -- derived settings ------------------------------------------------------------------
@@ -202,6 +231,13 @@ class Config:
             return resolve_layers(self.model.block, self.model.depth, self.model.layers)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def engine(self) -> str:
+        """'ddp' or 'deepspeed' after resolving --distributed auto."""
+        d = self.distributed
+        if d.distributed != "auto":
+            return d.distributed
+        return "deepspeed" if (d.zero_stage or d.offload not in (None, "none") or d.ds_config) else "ddp"
 
     def validate(self) -> "Config":
         """Refuse settings that cannot work, with the numbers and what to change (rule 6)."""
@@ -250,6 +286,19 @@ class Config:
             raise ConfigError(f"--label-smoothing {o.label_smoothing} must be in [0, 1).")
         if o.warmup_epochs < 0:
             raise ConfigError(f"--warmup-epochs {o.warmup_epochs} must be >= 0.")
+        dist = self.distributed
+        if dist.zero_stage is not None and not 0 <= dist.zero_stage <= 3:
+            raise ConfigError(f"--zero-stage {dist.zero_stage} does not exist; DeepSpeed ZeRO stages are 0, 1, 2 and 3.")
+        if dist.distributed == "ddp" and (dist.zero_stage or dist.offload not in (None, "none") or dist.ds_config):
+            raise ConfigError(
+                "--distributed ddp cannot use --zero-stage >= 1, --offload or --ds-config (DeepSpeed settings); "
+                "use --distributed deepspeed or auto."
+            )
+        if self.engine() == "deepspeed" and self.memory.precision == "fp16":
+            raise ConfigError(
+                "--precision fp16 under DeepSpeed would cast BatchNorm to fp16; use --precision bf16 "
+                "(DeepSpeed's torch autocast, BatchNorm kept fp32) or fp32."
+            )
         if t.run_name is not None:
             from resnet_scale.train.run_dir import check_run_name
 

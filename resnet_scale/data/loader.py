@@ -2,7 +2,8 @@
 
 After KellerJordan/cifar10-airbench: the uint8 images are moved to the device once, each batch is
 an ``index_select``, and crop/flip run on the whole batch at once. No worker processes, no per-sample
-Python in the iteration path.
+Python in the iteration path. The sharding rule, the per-epoch draws and the batched augmentation live
+in :mod:`.sharding`, shared with :class:`~resnet_scale.data.streaming.StreamingLoader`.
 """
 
 from __future__ import annotations
@@ -10,36 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from .imageset import DataError, ImageSet
-
-_SEED_STRIDE = 1_000_003  # epoch seed = seed * _SEED_STRIDE + epoch: distinct for every (seed, epoch < 1e6)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The CPU generator seed of one epoch; the same on every rank."""
-    return (int(seed) * _SEED_STRIDE + int(epoch)) % (1 << 63)
-
-
-def random_crop(x: torch.Tensor, shifts: torch.Tensor, padding: int) -> torch.Tensor:
-    """Zero-pad ``x`` (N x C x H x W) by ``padding`` on each side and crop back to H x W at per-sample
-    offsets ``shifts`` (N x 2: row, column, each in [0, 2 * padding]).
-
-    Two batched gathers (rows, then columns), no loop over samples; on CPU this measured 2-3x faster
-    than one four-index advanced-indexing gather.
-    """
-    n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    rows = shifts[:, 0, None] + torch.arange(h, device=x.device)  # N x H
-    cols = shifts[:, 1, None] + torch.arange(w, device=x.device)  # N x W
-    x = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
-    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
-
-
-def random_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mirror the samples of ``x`` where the boolean ``mask`` (N) is set, left to right."""
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
+from .imageset import DataError, ImageSet  # noqa: F401  (DataError stays importable from here)
+from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re-exported from here)
+    augment_normalise,
+    channel_tensor,
+    check_loader_args,
+    epoch_draws,
+    epoch_seed,
+    random_crop,
+    random_flip,
+    rank_spans,
+)
 
 
 class DeviceLoader:
@@ -89,26 +72,8 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         n = len(data)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1:
-            raise DataError(f"batch size must be >= 1, got {batch_size}")
-        if batch_size % world_size:
-            lower = max(world_size, batch_size // world_size * world_size)
-            raise DataError(
-                f"global batch size {batch_size} is not divisible by world size {world_size} "
-                f"({batch_size / world_size:.2f} samples per rank); use a multiple of {world_size}, "
-                f"e.g. {lower} or {lower + world_size}"
-            )
-        if n == 0:
-            raise DataError("the data split is empty; there is nothing to iterate over")
-        if train and n < world_size:
-            raise DataError(f"the training split has {n} samples, fewer than the {world_size} ranks; "
-                            f"use fewer processes or more data")
-        if crop_padding < 0:
-            raise DataError(f"crop padding must be >= 0 pixels, got {crop_padding}")
-        if not dtype.is_floating_point:
-            raise DataError(f"the batch dtype must be a floating type, got {dtype}")
+        check_loader_args(n, batch_size=batch_size, rank=rank, world_size=world_size, train=train,
+                          crop_padding=crop_padding, dtype=dtype)
         self.device = torch.device(device)
         self.rank, self.world_size, self.train, self.seed = rank, world_size, train, int(seed)
         self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
@@ -119,20 +84,13 @@ class DeviceLoader:
         # Moved to the device once, as uint8 (4x smaller than float32).
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
-        self._mean = torch.tensor(data.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._mean = channel_tensor(data.mean, self.device)
+        self._std = channel_tensor(data.std, self.device)
         self._spans = self._rank_spans()
 
     def _rank_spans(self) -> list[tuple[int, int]]:
         """[start, end) positions in the epoch order of this rank's batches (the same every epoch)."""
-        n, b, w, r, per = self.num_total, self.batch_size, self.world_size, self.rank, self.local_batch_size
-        full, rem = divmod(n, b)
-        spans = [(k * b + r * per, k * b + (r + 1) * per) for k in range(full)]
-        if rem >= w or (rem > 0 and not self.train):
-            base, extra = divmod(rem, w)  # ranks < extra get one more sample
-            start = full * b + r * base + min(r, extra)
-            spans.append((start, start + base + (1 if r < extra else 0)))
-        return spans
+        return rank_spans(self.num_total, self.batch_size, self.world_size, self.rank, self.train)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration uses (same on every rank)."""
@@ -148,14 +106,7 @@ class DeviceLoader:
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(order, flip coins, crop offsets) for the whole epoch, indexed by position; on the CPU."""
-        if not self.train:
-            return torch.arange(self.num_total), None, None
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.num_total, generator=g)
-        # Drawn whether or not flip/crop are on, so turning one on does not change the other.
-        flips = torch.rand(self.num_total, generator=g) < 0.5
-        shifts = torch.randint(0, 2 * self.crop_padding + 1, (self.num_total, 2), generator=g)
-        return order, flips, shifts
+        return epoch_draws(self.num_total, self.seed, self.epoch, self.train, self.crop_padding)
 
     def epoch_indices(self) -> list[torch.Tensor]:
         """Dataset indices of each batch this rank gets in the current epoch (CPU int64), for tests."""
@@ -173,11 +124,11 @@ class DeviceLoader:
             idx = order[start:end]
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
-            if augment and self.crop_padding > 0:
-                x = random_crop(x, shifts[start:end], self.crop_padding)
-            if augment and self.flip:
-                x = random_flip(x, flips[start:end])
-            x = x.float().div_(255.0).sub_(self._mean).div_(self._std).to(self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = augment_normalise(
+                x,
+                shifts[start:end] if augment and self.crop_padding > 0 else None,
+                flips[start:end] if augment and self.flip else None,
+                crop_padding=self.crop_padding, mean=self._mean, std=self._std,
+                dtype=self.dtype, channels_last=self.channels_last,
+            )
             yield x, y

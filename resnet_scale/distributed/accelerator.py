@@ -30,22 +30,40 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_accelerator(cfg: Config, memory: MemorySettings | None = None) -> Accelerator:
-    """The Accelerator for this run: device, autocast precision and gradient accumulation
-    (micro-batches per optimizer step) come from the resolved memory settings."""
+def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
+    """The Accelerator for this run: device, autocast precision, gradient accumulation
+    (micro-batches per optimizer step) and the engine (DDP or DeepSpeed ZeRO).
+
+    Every configuration error is raised here, before any process group starts.
+    """
     device = resolve_device(cfg.train.device)
+    world = world_size_from_env()
     if device == "cpu":
         # Accelerate imports DeepSpeed (when installed) to unwrap models; tell DeepSpeed the
         # accelerator up front instead of letting it warn that it found no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    accelerator = Accelerator(
-        cpu=device == "cpu",
-        mixed_precision=memory.mixed_precision if memory else "no",
-        gradient_accumulation_steps=memory.accumulation_steps if memory else 1,
-    )
-    if memory and accelerator.num_processes != world_size_from_env():
+    kwargs: dict = {"gradient_accumulation_steps": memory.accumulation_steps}
+    if cfg.engine() == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        from resnet_scale.distributed.deepspeed import build_ds_config, require_deepspeed
+
+        require_deepspeed()
+        ds_config = build_ds_config(cfg, memory, world)
+        # Accelerate shards data and counts processes for DeepSpeed only when it is told through
+        # the environment (FIELD_NOTES.md: otherwise every rank sees every batch, silently).
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
+        kwargs["mixed_precision"] = "no"  # bf16 is DeepSpeed's torch_autocast (see deepspeed.py)
+        if device == "cpu":
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    else:
+        kwargs["cpu"] = device == "cpu"
+        kwargs["mixed_precision"] = memory.mixed_precision
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes != world:
         raise ConfigError(
-            f"the launcher announced {world_size_from_env()} processes but Accelerate sees "
-            f"{accelerator.num_processes}; the batch split would be wrong. Launch with torchrun or accelerate launch."
+            f"the launcher announced {world} processes but Accelerate sees {accelerator.num_processes}; "
+            "the batch split would be wrong. Launch with torchrun or accelerate launch."
         )
     return accelerator

@@ -113,7 +113,10 @@ class RunDir:
         self._metrics.write(json.dumps(record) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.write_json("summary.json", summary)
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        _atomic_write(self.path / name, json.dumps(payload, indent=2) + "\n")
 
     def save_weights(self, state_dict: dict[str, torch.Tensor]) -> Path:
         """Final weights as ``model.safetensors`` (contiguous, on CPU; loads into a plain model)."""

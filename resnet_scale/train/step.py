@@ -46,6 +46,7 @@ def train_step(
     accumulation_steps: int = 1,
     label_smoothing: float = 0.0,
     offload=None,
+    max_grad_norm: float | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch, then one optimizer step (inside the last
     ``accumulate`` context, where Accelerate lets it through)."""
@@ -66,6 +67,8 @@ def train_step(
                 accelerator.backward(loss * (accumulation_steps / n))
                 loss_sum += loss.detach().double()
                 correct += (logits.detach().argmax(1) == y).sum()
+            if max_grad_norm and accelerator.sync_gradients:  # DeepSpeed clips itself (gradient_clipping)
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()  # a no-op until the last micro-batch (Accelerate checks sync_gradients)
             optimizer.zero_grad(set_to_none=True)
     stepped = not getattr(optimizer, "step_was_skipped", False)

@@ -6,6 +6,7 @@ Data flows one way: config -> data -> model -> accelerator -> loop -> run files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from resnet_scale.config import Config
 from resnet_scale.data import DeviceLoader, ImageSet, build_datasets
 from resnet_scale.distributed.accelerator import build_accelerator, resolve_device, world_size_from_env
+from resnet_scale.distributed.sync_bn import apply_sync_batchnorm
 from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
 from resnet_scale.train.optim import build_optimizer, build_scheduler
@@ -138,9 +140,17 @@ def train(cfg: Config) -> dict[str, Any]:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
+    if cfg.distributed.sync_bn and world > 1:  # new BatchNorm modules: before the optimizer sees them
+        model = apply_sync_batchnorm(model, accelerator.device.type)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    model = apply_memory_transforms(model, memory)  # after the optimizer saw the parameters: same tensors
+    model_memory = memory
+    if cfg.engine() == "deepspeed" and memory.channels_last:
+        # ZeRO keeps parameters as views of flat buffers; converting the weights would cut them
+        # off (FIELD_NOTES.md). The loader's NHWC inputs keep every activation NHWC instead.
+        model_memory = dataclasses.replace(memory, channels_last=False)
+        logging.getLogger("resnet_scale").info("channels_last under ZeRO: NHWC inputs and activations, weights stay NCHW")
+    model = apply_memory_transforms(model, model_memory)  # in place: the optimizer's tensors stay the same
     model, optimizer = accelerator.prepare(model, optimizer)
     offload = activation_offload(memory, accelerator.device)
 
@@ -165,22 +175,28 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
     step, best, last_eval, skipped = 0, 0.0, None, 0
+    seen_samples: dict[int, list[int]] = {}  # epoch -> dataset indices this process trained on
     train_time, train_images = 0.0, 0
     started = time.perf_counter()
     model.train()
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
+        if cfg.distributed.record_samples:
+            epoch_batches = train_loader.epoch_indices()
         epoch_start = time.perf_counter()
         window = _Window.new(accelerator.device)
         for epoch_step, (images, labels) in enumerate(train_loader, start=1):
             result = train_step(accelerator, model, optimizer, images, labels,
                                 accumulation_steps=memory.accumulation_steps,
-                                label_smoothing=cfg.optim.label_smoothing, offload=offload)
+                                label_smoothing=cfg.optim.label_smoothing, offload=offload,
+                                max_grad_norm=cfg.optim.max_grad_norm)
             if result.stepped:
                 scheduler.step()  # counts optimizer steps (not passed through prepare: see optim.py)
             else:
                 skipped += 1  # fp16 loss scaling found inf/nan gradients and skipped the update
             window.add(result)
+            if cfg.distributed.record_samples:
+                seen_samples.setdefault(epoch, []).extend(epoch_batches[epoch_step - 1].tolist())
             step += 1
             at_end = step == total_steps or epoch_step == steps_per_epoch
             if step % cfg.train.log_every == 0 or at_end:
@@ -240,8 +256,13 @@ def train(cfg: Config) -> dict[str, Any]:
         "run_dir": str(run.path),
     }
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: gathers the shards
+    samples = gather_object([seen_samples]) if cfg.distributed.record_samples else None
     if main:
-        run.save_weights(accelerator.unwrap_model(model).state_dict())
+        run.save_weights(state_dict)
+        if samples is not None:
+            run.write_json("samples.json", {"world_size": world, "epochs": {
+                str(e): [rank_samples.get(e, []) for rank_samples in samples] for e in range(epochs)}})
         run.write_summary(summary)
         run.close()
         progress.message(

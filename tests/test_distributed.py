@@ -1,0 +1,217 @@
+"""Distributed training with real processes: torchrun, 2 CPU ranks over gloo, real DeepSpeed.
+
+Run alone with ``python -m pytest -m multiprocess``. The refusals of bad configurations at the
+end run in-process and fast.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_scale.config import ConfigError
+from resnet_scale.distributed.deepspeed import build_ds_config
+from resnet_scale.memory.settings import resolve_memory
+from resnet_scale.models import build_resnet
+from resnet_scale.train.run_dir import load_weights
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_memory_train import parse  # noqa: E402
+from test_train_e2e import REPO, read_jsonl, run_cli  # noqa: E402
+
+
+
+def free_port() -> int:
+    """A port nobody listens on now (other test runs on this machine may use fixed ones)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+# 96 images, global batch 32: 3 steps make one whole epoch.
+BASE = ("--data", "synthetic", "--layers", "1,1,1", "--image-size", "16", "--synthetic-train-samples", "96",
+        "--synthetic-test-samples", "40", "--epochs", "1", "--batch-size", "32", "--log-every", "1",
+        "--deterministic", "--record-samples", "--lr", "0.05")
+
+
+def torchrun(nproc=2, script=None):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            str(script or REPO / "launch" / "train.py")]
+
+
+def train_run(tmp_path, name, *extra, nproc=2):
+    launcher = torchrun(nproc) if nproc > 1 else [sys.executable, str(REPO / "launch" / "train.py")]
+    out = run_cli(*BASE, "--output-dir", tmp_path, "--run-name", name, *extra, launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / name
+    return {
+        "losses": [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"],
+        "test": [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "test"],
+        "samples": json.loads((run / "samples.json").read_text()) if (run / "samples.json").exists() else None,
+        "weights": load_weights(run / "model.safetensors"),
+        "summary": json.loads((run / "summary.json").read_text()),
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("ddp"), "ddp", "--distributed", "ddp")
+
+
+def assert_disjoint_cover(samples, n=96):
+    per_rank = samples["epochs"]["0"]
+    assert len(per_rank) == samples["world_size"] == 2
+    assert all(per_rank), "a rank trained on nothing"
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
+
+
+@pytest.mark.multiprocess
+def test_ddp_shards_every_sample_exactly_once_and_trains(ddp_run):
+    assert ddp_run["summary"]["world_size"] == 2 and len(ddp_run["losses"]) == 3
+    assert_disjoint_cover(ddp_run["samples"])
+    assert ddp_run["test"][-1]["samples"] == 40  # every test image counted once over both ranks
+    torch.manual_seed(0)
+    untrained = build_resnet("basic", None, layers=(1, 1, 1), num_classes=10).state_dict()
+    assert not torch.equal(untrained["fc.weight"], ddp_run["weights"]["fc.weight"])
+
+
+ENGINES = {
+    "zero1": ("--zero-stage", "1"),
+    "zero2": ("--zero-stage", "2"),
+    "zero3": ("--zero-stage", "3"),
+    "zero3-offload": ("--ds-config", str(REPO / "ds_configs" / "zero3_offload.json")),
+    "zero3-checkpointing": ("--zero-stage", "3", "--checkpointing", "block"),
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_deepspeed_zero_matches_ddp(tmp_path, ddp_run, engine):
+    run = train_run(tmp_path, engine, *ENGINES[engine])
+    assert run["losses"] == pytest.approx(ddp_run["losses"], abs=1e-4)
+    assert_disjoint_cover(run["samples"])
+    assert run["test"][-1]["samples"] == 40
+    # The consolidated fp32 export loads into a plain model and equals DDP's weights.
+    model = build_resnet("basic", None, layers=(1, 1, 1), num_classes=10)
+    model.load_state_dict(run["weights"], strict=True)
+    for key, value in ddp_run["weights"].items():
+        torch.testing.assert_close(run["weights"][key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_accumulation_is_not_scaled_twice(tmp_path):
+    ddp = train_run(tmp_path, "ddp-acc", "--distributed", "ddp", "--micro-batch-size", "8")
+    zero = train_run(tmp_path, "zero2-acc", "--zero-stage", "2", "--micro-batch-size", "8")
+    assert ddp["summary"]["memory"]["accumulation_steps"] == 2
+    assert zero["losses"] == pytest.approx(ddp["losses"], abs=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_global_batch_invariance_with_sync_bn(tmp_path):
+    one = train_run(tmp_path, "one", nproc=1)
+    two = train_run(tmp_path, "two-sync", "--sync-bn")
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    for key in ("layer1.0.bn1.running_mean", "layer1.0.bn1.running_var", "fc.weight"):
+        torch.testing.assert_close(two["weights"][key], one["weights"][key], atol=1e-4, rtol=1e-4)
+    # Without synchronised statistics each rank normalises its half: the run really differs.
+    plain = train_run(tmp_path, "two-plain")
+    assert plain["losses"] != pytest.approx(one["losses"], abs=1e-4)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2")])
+def test_channels_last_is_what_the_step_uses(tmp_path, engine):
+    probe = tmp_path / "probe"
+    cmd = torchrun(2, REPO / "tests" / "workers" / "probe_channels_last.py")
+    out = run_cli(probe, *BASE, "--output-dir", tmp_path, "--channels-last", *engine, launcher=cmd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads(Path(f"{probe}.rank{rank}").read_text())
+        assert seen["activations"] and all(seen["activations"]), "an activation was not NHWC"
+        if engine[0] == "--distributed":  # DDP: the weights are NHWC too; ZeRO keeps them NCHW by design
+            assert all(seen["weights"])
+
+
+@pytest.mark.multiprocess
+def test_two_nodes_on_loopback(tmp_path):
+    port = free_port()
+    agents = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "two-nodes", str(REPO / "launch" / "train.py"), *BASE,
+               "--output-dir", tmp_path, "--run-name", "nodes"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [a.communicate(timeout=300) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    run = tmp_path / "nodes"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert_disjoint_cover(json.loads((run / "samples.json").read_text()))
+
+
+# -- refusals, before any process group starts (in-process, fast) -------------------------------
+
+
+def ds_config_from(tmp_path, payload, *argv):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(payload))
+    cfg = parse("--ds-config", str(path), "--batch-size", "64", *argv)
+    return build_ds_config(cfg, resolve_memory(cfg, world_size=2, device_type="cpu"), 2)
+
+
+def test_ds_config_autos_are_filled_from_the_flags(tmp_path):
+    filled = ds_config_from(tmp_path, json.load(open(REPO / "ds_configs" / "zero2.json")),
+                            "--micro-batch-size", "8", "--precision", "bf16", "--max-grad-norm", "1.5")
+    assert filled["train_batch_size"] == 64 and filled["train_micro_batch_size_per_gpu"] == 8
+    assert filled["gradient_accumulation_steps"] == 4 and filled["gradient_clipping"] == 1.5
+    assert filled["zero_optimization"]["stage"] == 2
+    assert filled["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in filled
+    def values(node):
+        return [x for v in node.values() for x in (values(v) if isinstance(v, dict) else [v])]
+
+    assert "_comment" not in filled and "auto" not in values(filled)
+
+
+@pytest.mark.parametrize(
+    "payload, argv, message",
+    [
+        ({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}, ("--micro-batch-size", "8"),
+         "sets train_micro_batch_size_per_gpu = 16 but --batch-size 64 over 2 processes"),
+        ({"train_micro_batch_size_per_gpu": "sixteen"}, (), "must be an integer or \"auto\""),
+        ({"zero_optimization": {"stage": 2}}, ("--zero-stage", "3"), "stage = 2 but --zero-stage gives 3"),
+        ({"zero_optimization": {"stage": 7}}, (), "must be 0, 1, 2 or 3"),
+        ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, (), "casts BatchNorm"),
+        ({"zero_optimization": {"stage": 1}}, ("--offload", "optimizer+params"), "needs --zero-stage 3"),
+        ({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 1}}, (), "gradient_accumulation_steps = 3"),
+    ],
+)
+def test_contradicting_or_malformed_ds_configs_are_refused(tmp_path, payload, argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        ds_config_from(tmp_path, payload, *argv)
+
+
+def test_bad_distributed_flags_exit_before_training(tmp_path, monkeypatch):
+    out = run_cli("--zero-stage", "4", "--output-dir", tmp_path)
+    assert out.returncode == 2 and "ZeRO stages are 0, 1, 2 and 3" in out.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = run_cli("--ds-config", bad, "--output-dir", tmp_path)
+    assert out.returncode == 2 and "is not valid JSON" in out.stderr
+    assert not (tmp_path / "runs").exists() and [p.name for p in tmp_path.iterdir()] == ["bad.json"]
+
+
+def test_deepspeed_missing_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from resnet_scale.distributed.deepspeed import require_deepspeed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'resnet-scale\[deepspeed\]'"):
+        require_deepspeed()

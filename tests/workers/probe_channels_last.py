@@ -1,0 +1,47 @@
+"""Run the real trainer (under torchrun) with forward hooks on every convolution, and write
+which memory format the activations and weights really had during the training step.
+
+Usage: torchrun ... probe_channels_last.py OUT_JSON <resnet-scale train flags>
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+import resnet_scale.train.trainer as trainer
+from resnet_scale.config_args import add_config_arguments, config_from_args
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    seen = {"activations": [], "weights": []}
+    build = trainer.build_resnet
+
+    def build_with_hooks(*args, **kwargs):
+        model = build(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled():
+                seen["activations"].append(output.is_contiguous(memory_format=torch.channels_last))
+                seen["weights"].append(module.weight.is_contiguous(memory_format=torch.channels_last)
+                                       and not module.weight.is_contiguous() or module.weight.shape[-1] == 1)
+
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(hook)
+        return model
+
+    trainer.build_resnet = build_with_hooks
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    trainer.train(config_from_args(parser.parse_args(argv)))
+    with open(f"{out}.rank{os.environ.get('RANK', '0')}", "w") as f:
+        json.dump(seen, f)
+
+
+if __name__ == "__main__":
+    main()
