@@ -87,6 +87,12 @@ class DataConfig:
         "auto", "Training augmentation on the device; 'auto' = crop+flip, crop only for digits."
     )
     crop_padding: Optional[int] = _f(None, "Zero padding of the random crop in pixels; default image_size // 8.")
+    in_memory: Literal["auto", "yes", "no"] = _f(
+        "auto", "imagefolder only: hold the decoded images on the training device ('auto': when they "
+        "take at most --in-memory-limit-gib), else stream them through DataLoader workers."
+    )
+    in_memory_limit_gib: float = _f(4.0, "Largest uint8 image folder held in memory by --in-memory auto, in GiB.")
+    num_workers: int = _f(4, "DataLoader worker processes per loader when streaming an imagefolder.")
     synthetic_train_samples: int = _f(1024, "Images in the synthetic train split.")
     synthetic_test_samples: int = _f(256, "Images in the synthetic test split.")
     synthetic_classes: int = _f(10, "Classes of the synthetic source.")
@@ -269,9 +275,12 @@ class Config:
             ("--batch-size", t.batch_size, 1),
             ("--log-every", t.log_every, 1),
             ("--eval-every", t.eval_every, 1),
+            ("--num-workers", d.num_workers, 0),
         ):
             if value < low:
                 raise ConfigError(f"{name} {value} must be at least {low}.")
+        if d.in_memory_limit_gib <= 0:
+            raise ConfigError(f"--in-memory-limit-gib {d.in_memory_limit_gib} must be positive.")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"--max-steps {t.max_steps} must be at least 1 (or omit it to use --epochs).")
         if o.lr <= 0:

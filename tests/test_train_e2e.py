@@ -119,3 +119,17 @@ def test_two_rank_torchrun_shards_data_and_writes_one_run(tmp_path):
     assert summary["steps"] == 45  # 1437 images / global batch 32, the remainder kept
     test = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "test"]
     assert [r["samples"] for r in test] == [360]
+
+
+def test_imagefolder_streamed_and_in_memory_train_identically(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _fixtures_data as fx
+
+    fx.write_image_folder(tmp_path / "folder", classes=("a", "b", "c"), counts={"train": 8, "test": 4})
+    common = ("--data", "imagefolder", "--data-dir", tmp_path / "folder", "--image-size", "16", "--depth", "8",
+              "--batch-size", "8", "--epochs", "2", "--log-every", "1", "--deterministic", "--output-dir", tmp_path)
+    held = run_cli(*common, "--in-memory", "yes", "--run-name", "held")
+    streamed = run_cli(*common, "--in-memory", "no", "--num-workers", "2", "--run-name", "streamed")
+    assert held.returncode == 0 and streamed.returncode == 0, held.stderr + streamed.stderr
+    strip = lambda rs: [(r["split"], r["step"], r["loss"], r["accuracy"]) for r in rs]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "held" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "streamed" / "metrics.jsonl"))

@@ -20,7 +20,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from resnet_scale.config import Config
-from resnet_scale.data import DeviceLoader, ImageSet, build_datasets
+from resnet_scale.data import (
+    DeviceLoader,
+    ImageSet,
+    StreamingLoader,
+    build_datasets,
+    estimate_imagefolder_bytes,
+    index_imagefolder,
+)
 from resnet_scale.distributed.accelerator import build_accelerator, resolve_device, world_size_from_env
 from resnet_scale.distributed.sync_bn import apply_sync_batchnorm
 from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
@@ -78,8 +85,15 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, accelerator: Accelera
     return {"loss": total_loss / total, "accuracy": total_correct / total, "samples": int(total)}
 
 
-def _build_data(cfg: Config) -> tuple[ImageSet, ImageSet]:
+def _build_data(cfg: Config):
+    """(train, test): ImageSets held in memory, or ImageFolderIndexes to stream for an image
+    folder too big to hold (--in-memory)."""
     d = cfg.data
+    if d.source == "imagefolder" and d.in_memory != "yes":
+        size = cfg.image_size()
+        limit = d.in_memory_limit_gib * 2**30
+        if d.in_memory == "no" or estimate_imagefolder_bytes(d.data_dir, size) > limit:
+            return index_imagefolder(d.data_dir, size)
     return build_datasets(
         d.source,
         data_dir=d.data_dir,
@@ -89,6 +103,14 @@ def _build_data(cfg: Config) -> tuple[ImageSet, ImageSet]:
         synthetic_samples=(d.synthetic_train_samples, d.synthetic_test_samples),
         num_classes=d.synthetic_classes,
     )
+
+
+def _loader(data, cfg: Config, **kwargs):
+    """The device-resident loader, or the streaming one for an indexed image folder; both shard
+    and augment identically."""
+    if isinstance(data, ImageSet):
+        return DeviceLoader(data, **kwargs)
+    return StreamingLoader(data, num_workers=cfg.data.num_workers, **kwargs)
 
 
 def _set_determinism(cfg: Config) -> None:
@@ -130,11 +152,11 @@ def train(cfg: Config) -> dict[str, Any]:
     padding = cfg.data.crop_padding if cfg.data.crop_padding is not None else image_size // 8
     loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world,
                        seed=cfg.train.seed, channels_last=memory.channels_last)
-    train_loader = DeviceLoader(
-        train_set, batch_size=cfg.train.batch_size, train=True,
+    train_loader = _loader(
+        train_set, cfg, batch_size=cfg.train.batch_size, train=True,
         crop_padding=padding if crop else 0, flip=flip, **loader_args,
     )
-    test_loader = DeviceLoader(test_set, batch_size=cfg.train.batch_size, train=False, **loader_args)
+    test_loader = _loader(test_set, cfg, batch_size=cfg.train.batch_size, train=False, **loader_args)
 
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
