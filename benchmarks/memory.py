@@ -3,7 +3,9 @@
     python benchmarks/memory.py [--out docs/benchmarks] [--smoke] [--device cpu|cuda] [--limit-gib 8]
 
 Writes ``memory.md`` and ``memory.json`` to ``--out`` (default ``docs/benchmarks``) and prints
-the tables. Three sections; docs/memory.md is the guide that reads them.
+the tables. Three sections; docs/memory.md is the guide that reads them. The settings' labels,
+the predicted-peak formula and the report (rendering; keeping and writing ``memory.json``) are in
+``_memory_report.py`` beside this file; this one measures.
 
 1. ``predicted`` (always; meta device, no compute): saved-activation MiB per image, the largest
    segment's recompute peak, step FLOPs and a predicted training peak for ResNet-18/50/152
@@ -23,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +51,26 @@ from resnet_scale.memory import (  # noqa: E402
 )
 from resnet_scale.models import build_resnet, count_parameters  # noqa: E402
 
-MiB, GiB = 2**20, 2**30
+try:
+    import _memory_report  # noqa: F401
+except ImportError:  # imported by path (tests/test_benchmarks_memory.py), not run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory_report import (  # noqa: E402
+    BASELINE,
+    FAST,
+    LOW_MEMORY,
+    GiB,
+    MiB,
+    Setting,
+    kept_sections,
+    machine,
+    max_batch_for,
+    predict_peak_bytes,
+    ratio,
+    render,  # noqa: F401 -- the tests render through this module
+    write_report,
+)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 POLICIES = ("none", "block", "stage", "sqrt")
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
@@ -71,17 +90,6 @@ class Spec:
 
     def build(self) -> torch.nn.Module:
         return build_resnet(self.block, self.depth, stem=self.stem, num_classes=self.num_classes)
-
-
-@dataclass(frozen=True)
-class Setting:
-    precision: str  # key of DTYPES
-    policy: str  # --checkpointing
-    channels_last: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.precision}{'+cl' if self.channels_last else ''}/{self.policy}"
 
 
 FULL = {
@@ -106,41 +114,11 @@ SMOKE = {
     "cuda_steps": (1, 2),
     "max_batch": 64,
 }
-BASELINE = Setting("fp32", "none")
-FAST = Setting("bf16", "none", True)  # bf16 + channels_last, no checkpointing
-LOW_MEMORY = Setting("bf16", "block", True)  # what --low-memory turns on (micro-batching aside)
 CPU_SETTINGS = [Setting(p, c) for p in DTYPES for c in POLICIES] + [
     Setting("fp32", "none", True), FAST, LOW_MEMORY]
 CUDA_SETTINGS = [Setting("fp32", c) for c in POLICIES] + [Setting("bf16", c, True) for c in POLICIES]
 
 # ----------------------------------------------------------------------------- 1. predicted
-
-
-def predict_peak_bytes(params: int, precision: str, batch: int, saved_per_image: float,
-                       recompute_per_image: float, input_per_image: int) -> dict[str, float]:
-    """The predicted training peak of one step, by parts (bytes).
-
-    states = 3 x params x 4 B (fp32 weights, gradients, SGD momentum); casts = params x 2 B
-    under bf16/fp16 autocast (the low-precision weight copies); activations = batch x saved;
-    recompute = batch x the largest segment's recompute peak; input = the fp32 batch, counted
-    only when it is not among the saved tensors (in fp32 conv1 saves the input itself).
-    """
-    parts = {
-        "states": 3 * params * 4,
-        "casts": params * 2 if precision != "fp32" else 0,
-        "activations": batch * saved_per_image,
-        "recompute": batch * recompute_per_image,
-        "input": batch * input_per_image if precision != "fp32" else 0,
-    }
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def max_batch_for(limit: float, parts: dict[str, float], batch: int) -> int:
-    """Largest batch whose predicted peak fits ``limit`` bytes (parts at ``batch``)."""
-    fixed = parts["states"] + parts["casts"]
-    per_image = (parts["total"] - fixed) / batch
-    return max(0, int((limit - fixed) // per_image))
 
 
 def _slope(fn, model, size: int, **kw) -> float:
@@ -303,9 +281,6 @@ def _measure_alone(spec: Spec, s: Setting, ops: Ops, warmup: int, steps: int):
     return times, ops.peak()
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
 # ----------------------------------------------------------------------------- batch search
 
 
@@ -419,146 +394,6 @@ def run_cpu(spec: Spec, warmup: int, steps: int) -> dict:
             "load_before": load, "load_after": os.getloadavg(),
             "seconds": time.perf_counter() - started, "rows": rows}
 
-# ----------------------------------------------------------------------------- report
-
-
-def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / GiB,
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return info
-
-
-def _fmt(v, nd=2) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.2g}" if 0 < abs(v) < 10 ** -nd * 5 else f"{v:,.{nd}f}"
-
-
-def _header(cols: list[str]) -> list[str]:
-    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-
-def _meta(sec: dict) -> str:
-    m = sec["machine"]
-    where = f"{m['cpu']} ({m['cpu_count']} cores)" + (f", {m['gpu']}" if "gpu" in m else "")
-    return f"_Run {sec['date']} on {where}; Python {m['python']}, torch {m['torch']}._"
-
-
-def _predicted_at(p: dict | None, model: str, precision: str, policy: str, batch: int):
-    """Section 1's predicted peak (GiB) for ``model`` at another ``batch``; None if absent."""
-    for r in (p or {}).get("rows", []):
-        if (r["model"], r["precision"], r["policy"]) == (model, precision, policy):
-            g = r["predicted_gib"]
-            fixed = g["states"] + g["casts"]
-            return fixed + (g["total"] - fixed) * batch / r["batch"]
-    return None
-
-
-def render(report: dict) -> str:
-    errors = {k: v["error"] for k, v in report["sections"].items() if "error" in v}
-    s = {k: v for k, v in report["sections"].items() if k not in errors}
-    out = ["# Memory benchmark", "",
-           "Generated by `benchmarks/memory.py` (do not edit by hand); the guide that reads it is "
-           "[docs/memory.md](../memory.md). Last command: `" + report["command"] + "`.", ""]
-    if "predicted" in s:
-        p = s["predicted"]
-        lim = p["limit_gib"]
-        out += ["## 1. Activation memory and predicted peak (meta device, no compute)", "", _meta(p),
-                "", "Saved = bytes autograd keeps for backward, per image (slope between batch 2 "
-                "and 4, `measure_saved_activation_bytes`); recompute = the largest checkpointed "
-                "segment's saved bytes while it is recomputed in backward "
-                "(`measure_segment_peak_bytes`); GFLOP = one training step (forward + backward, "
-                "recompute included, `count_step_flops`).", "",
-                "**Predicted peak** = 3 × params × 4 B (fp32 weights + gradients + SGD momentum) "
-                "+ params × 2 B (bf16 autocast weight copies; bf16 rows only) + batch × saved "
-                "+ batch × recompute + input batch (batch × 3 × H × W × 4 B; bf16 rows only — in "
-                "fp32, conv1 saves the input itself, so it is already in *saved*). Not included: "
-                "activation gradients alive during backward, cuDNN workspaces, allocator "
-                "fragmentation, the CUDA context — so a GPU peak is somewhat higher "
-                f"(section 3 measures it). *max batch* = largest batch whose predicted peak fits "
-                f"{lim:g} GiB.", ""]
-        for m in p["models"]:
-            out += [f"### {m['model']} — {m['block']} {m['depth']}, {m['stem']} stem, "
-                     f"{m['image_size']} px, {m['num_classes']} classes, batch {m['batch']}", "",
-                     f"{m['parameters'] / 1e6:.2f}M parameters: model states "
-                     f"{3 * m['parameters'] * 4 / MiB:,.0f} MiB (+ {m['parameters'] * 2 / MiB:,.0f} MiB "
-                     f"bf16 weight copies); input {m['input_mib_per_image']:.3f} MiB/image. "
-                     f"Activations are **{100 * m['activation_share_fp32_none']:.1f} %** of the "
-                     f"fp32/none peak.", ""]
-            out += _header(["precision", "checkpointing", "saved MiB/img", "recompute MiB/img",
-                            "× fp32/none (saved)", "step GFLOP/img", "× FLOPs",
-                            f"predicted peak GiB @{m['batch']}", "× fp32/none (peak)",
-                            f"max batch in {lim:g} GiB"])
-            for r in (r for r in p["rows"] if r["model"] == m["model"]):
-                out.append(f"| {r['precision']} | {r['policy']} | {_fmt(r['saved_mib_per_image'])} | "
-                           f"{_fmt(r['recompute_mib_per_image'])} | {_fmt(r['saved_vs_fp32_none'])} | "
-                           f"{_fmt(r['step_gflop_per_image'])} | {_fmt(r['flops_vs_none'])} | "
-                           f"{_fmt(r['predicted_gib']['total'])} | {_fmt(r['peak_vs_fp32_none'])} | "
-                           f"{r['max_batch_in_limit']:,} |")
-            out.append("")
-    if "cpu" in s:
-        c = s["cpu"]
-        out += ["## 2. Step time on CPU", "", _meta(c), "",
-                f"{c['model']}, {c['image_size']} px, batch {c['batch']}, torch threads: "
-                f"{c['threads']}; warm-up steps per setting (not timed): {c['warmup_steps']}, then "
-                f"{c['timed_steps']} rounds timing one step of every setting in turn (a shared "
-                f"CPU's load drifts; interleaving spreads it over all settings). Load average "
-                f"{_fmt(c['load_before'][0])} before, {_fmt(c['load_after'][0])} after; "
-                f"{c['seconds']:.0f} s. *cl* = channels_last model and input. CPU timings say "
-                "nothing about a GPU: bf16 and channels_last pay off on tensor cores.", ""]
-        out += _header(["setting", "median ms/img", "min ms/img", "CPU-time ms/img", "× fp32/none"])
-        for r in c["rows"]:
-            out.append(f"| {r['label']} | {_fmt(r['ms_per_image'])} | {_fmt(r['min_ms_per_image'])} | "
-                       f"{_fmt(r['cpu_ms_per_image'])} | {_fmt(r['vs_fp32_none'])} |")
-        out.append("")
-    out += ["## 3. GPU: measured peak memory, step time, largest batch", ""]
-    if "cuda" in errors:
-        out += ["**Failed** (see the end of this file).", ""]
-    elif "cuda" not in s:
-        out += ["**Not measured yet** (no GPU in the run that wrote this file). Produce it with "
-                "`python benchmarks/memory.py --device cuda --limit-gib 8`.", ""]
-    else:
-        g = s["cuda"]
-        out += [_meta(g), "", f"{g['model']}, {g['image_size']} px, batch {g['batch']}; "
-                f"{g['warmup_steps']} warm-up + {g['timed_steps']} timed steps per setting, "
-                "synchronised, `cudnn.benchmark` on; peak = `torch.cuda.max_memory_allocated` "
-                "over the timed steps; bf16 rows are channels_last.", ""]
-        out += _header(["setting", "peak GiB", "peak MiB/img", "predicted GiB (§1)",
-                        "median ms/img", "min ms/img", "× time of " + FAST.label])
-        by = {r["label"]: r for r in g["rows"]}
-        for r in g["rows"]:
-            pred = _predicted_at(s.get("predicted"), g["model"], r["precision"], r["policy"], r["batch"])
-            out.append(f"| {r['label']} | {_fmt(r['peak_gib'])} | {_fmt(r['peak_mib_per_image'])} | "
-                       f"{_fmt(pred)} | {_fmt(r['ms_per_image'], 3)} | {_fmt(r['min_ms_per_image'], 3)} | "
-                       f"{_fmt(ratio(r['ms_per_image'], by[FAST.label]['ms_per_image']))} |")
-        out += ["", f"Largest batch that trains (2 steps) under "
-                f"`torch.cuda.set_per_process_memory_fraction` = {g['limit_gib']:g} GiB of "
-                f"{g['gpu_total_gib']:.1f} GiB (search up to {g['max_batch']}):", ""]
-        out += _header(["setting", "largest batch", "tries", "search s"])
-        for label, r in g["search"].items():
-            out.append(f"| {label} | {r['largest_batch']:,} | {len(r['trials'])} | {r['seconds']:.0f} |")
-        if "search_error" in g:
-            out += ["", "The search failed:", "", "```", g["search_error"].strip(), "```"]
-        goal = {True: "met", False: "not met", None: "unknown"}[g["goal_met"]]
-        out += ["", f"Low-memory ({LOW_MEMORY.label}) vs fp32/none: **{_fmt(g['batch_ratio'])}× the "
-                f"batch**, at **{_fmt(g['time_ratio_vs_fast'])}× the time per image** of "
-                f"{FAST.label} — goal ≥ 4× batch at ≤ 1.35× time: **{goal}**.", ""]
-    for k, e in errors.items():
-        out += [f"**Section `{k}` failed:**", "", "```", e.strip(), "```", ""]
-    return "\n".join(out)
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -580,12 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "memory", "smoke": args.smoke, "sections": {},
               "command": " ".join(["python benchmarks/memory.py", *sys.argv[1:]] if argv is None
                                   else ["python benchmarks/memory.py", *argv])}
-    old = args.out / "memory.json"
-    if old.exists():  # keep the other device's section (see module docstring)
-        prev = json.loads(old.read_text())
-        if prev.get("smoke") == args.smoke:
-            report["sections"].update({k: v for k, v in prev.get("sections", {}).items()
-                                       if k in ("cpu", "cuda")})
+    # keep the other device's section (see module docstring)
+    report["sections"].update(kept_sections(args.out, args.smoke))
     jobs = {"predicted": lambda: run_predicted(cfg["models"], limit)}
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -607,10 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                              "limit_gib": args.limit_gib})
         report["sections"][name] = sec
         print(f"[memory] section {name}: {sec['wall_s']:.1f} s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = render(report)
-    (args.out / "memory.md").write_text(text + "\n")
-    (args.out / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = write_report(args.out, report)
     print(text)
     print(f"[memory] wrote {args.out / 'memory.md'} and memory.json")
     return 1 if failed else 0
