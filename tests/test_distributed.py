@@ -215,3 +215,12 @@ def test_deepspeed_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'resnet-scale\[deepspeed\]'"):
         require_deepspeed()
+
+
+def test_deepspeed_launcher_without_deepspeed_flags_is_refused(tmp_path):
+    import subprocess as sp
+
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"}
+    out = sp.run([sys.executable, "-m", "resnet_scale", "train", "--output-dir", str(tmp_path), "--max-steps", "1"],
+                 capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "add --zero-stage N" in out.stderr

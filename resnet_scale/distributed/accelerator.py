@@ -58,6 +58,11 @@ def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
         if device == "cpu":
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     else:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                "the launcher asks for DeepSpeed (an accelerate config with distributed_type: DEEPSPEED) "
+                "but the flags choose DDP; add --zero-stage N (or --ds-config PATH): the flags decide the engine."
+            )
         kwargs["cpu"] = device == "cpu"
         kwargs["mixed_precision"] = memory.mixed_precision
     accelerator = Accelerator(**kwargs)
