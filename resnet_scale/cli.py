@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a ResNet (one process, or many under accelerate launch / torchrun)",
         description="Train a ResNet. --batch-size is the global batch over all processes.",
     ))
+    from resnet_scale.plan_cli import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser(
+        "plan", help="predict peak GPU memory and find the fastest settings that fit --max-memory",
+        description="Predict peak memory per device for the given training flags and print the fastest "
+        "plan that fits --max-memory, as the exact flags to add. Exit status: 0 fits or a plan was found, "
+        "2 bad input, 3 nothing fits.",
+    ))
     sub.add_parser("zoo", help="print the table of blocks x depths: weighted layers and parameters")
     return parser
 
@@ -66,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "train":
         return _run_train(ns)
+    if ns.command == "plan":
+        from resnet_scale.plan_cli import run_plan
+
+        return run_plan(ns)
     if ns.command == "zoo":
         return _run_zoo()
     raise AssertionError(ns.command)

@@ -156,6 +156,12 @@ class MemoryConfig:
         "micro-batch that divides the per-device batch; flags given explicitly win."
     )
 
+    max_memory: Optional[str] = _f(
+        None, "Memory budget per device, e.g. 8GiB (2^30 B), 8GB (10^9 B), 512MiB, or auto (the GPU's free "
+        "memory): plan precision, channels_last, checkpointing and micro-batch to fit it before training "
+        "(resnet-scale plan shows the plan); the plan overrides those flags."
+    )
+
 
 @dataclass
 class DistributedConfig:

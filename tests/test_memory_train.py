@@ -4,6 +4,7 @@
 import argparse
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -191,3 +192,22 @@ def test_checkpointing_leaves_a_whole_training_run_unchanged_and_low_memory_keep
     assert summary["memory"]["accumulation_steps"] == 4 and summary["memory"]["precision"] == "bf16"
     model = build_resnet("basic", None, layers=(2, 1, 1), stem="cifar", num_classes=10)
     model.load_state_dict(load_weights(tmp_path / "low" / "model.safetensors"), strict=True)
+
+
+def test_train_max_memory_applies_the_flags_that_plan_prints(tmp_path):
+    flags = ("--data", "synthetic", "--depth", "8", "--image-size", "32", "--batch-size", "64",
+             "--synthetic-train-samples", "64", "--synthetic-test-samples", "32", "--device", "cpu", "--max-memory", "290MiB")
+    shown = subprocess.run([sys.executable, "-m", "resnet_scale", "plan", *flags, "--json"],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    plan = json.loads(shown.stdout)
+    assert plan["fits"] is False and plan["plan"]["fits"] is True and plan["flags"]
+    out = run_cli(*flags, "--max-steps", "1", "--output-dir", tmp_path, "--run-name", "planned")
+    assert out.returncode == 0, out.stderr
+    assert "memory plan flags: " + " ".join(plan["flags"]) in out.stderr
+    config = json.loads((tmp_path / "planned" / "config.json").read_text())
+    assert config["memory_plan"]["flags"] == plan["flags"]
+    applied = run_cli(*flags[:-2], *plan["flags"], "--max-steps", "1", "--output-dir", tmp_path, "--run-name", "by-hand")
+    assert applied.returncode == 0, applied.stderr
+    by_hand = json.loads((tmp_path / "by-hand" / "summary.json").read_text())["memory"]
+    assert json.loads((tmp_path / "planned" / "summary.json").read_text())["memory"] == by_hand

@@ -59,9 +59,11 @@ from .checkpointing import (
 )
 
 __all__ = [
+    "SavedStorages",
     "count_step_flops",
     "measure_saved_activation_bytes",
     "measure_segment_peak_bytes",
+    "run_context",
 ]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -103,7 +105,7 @@ def _copy_model(model: nn.Module, make) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _run_context(
+def run_context(
     model: nn.Module,
     batch_size: int,
     image_size: int,
@@ -157,7 +159,7 @@ def _run_context(
         yield work, x
 
 
-class _SavedStorages:
+class SavedStorages:
     """saved_tensors_hooks that collect distinct non-parameter storages (module docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -201,6 +203,11 @@ class _SavedStorages:
         return sum(st.nbytes() for st in storages.values())
 
 
+#: The names these had while private; kept so that older imports still work.
+_run_context = run_context
+_SavedStorages = SavedStorages
+
+
 def measure_saved_activation_bytes(
     model: nn.Module,
     batch_size: int,
@@ -220,11 +227,11 @@ def measure_saved_activation_bytes(
     that checkpointing policy to the copy first (native impl); otherwise the model is measured
     as it is, checkpointing included. The caller's model is never changed.
     """
-    with _run_context(model, batch_size, image_size, dtype, channels_last, device, policy) as (
+    with run_context(model, batch_size, image_size, dtype, channels_last, device, policy) as (
         work,
         x,
     ):
-        saved = _SavedStorages(work)
+        saved = SavedStorages(work)
         with saved.hooks():
             work(x)
         return saved.total(saved.storages)
@@ -252,10 +259,10 @@ def measure_segment_peak_bytes(
         if applied is None:
             return 0
         policy = applied["policy"]
-    with _run_context(
+    with run_context(
         model, batch_size, image_size, dtype, channels_last, device, None, strip_checkpointing=True
     ) as (work, x):
-        saved = _SavedStorages(work)
+        saved = SavedStorages(work)
         handles = []
         modules = dict(work.named_modules())
         for i, names in enumerate(segments(work, policy)):
@@ -295,7 +302,7 @@ def count_step_flops(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with _run_context(model, batch_size, image_size, dtype, False, device, policy) as (work, x):
+    with run_context(model, batch_size, image_size, dtype, False, device, policy) as (work, x):
         counter = FlopCounterMode(display=False)
         with counter:
             y = work(x)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from resnet_scale.config import Config
+from resnet_scale.config import Config, ConfigError
 from resnet_scale.data import (
     DeviceLoader,
     ImageSet,
@@ -30,6 +30,7 @@ from resnet_scale.data import (
 )
 from resnet_scale.distributed.accelerator import build_accelerator, resolve_device, world_size_from_env
 from resnet_scale.distributed.sync_bn import apply_sync_batchnorm
+from resnet_scale.memory.planner_search import plan_for_training
 from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
 from resnet_scale.train.optim import build_optimizer, build_scheduler
@@ -126,6 +127,12 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; returns the summary also written to ``summary.json``."""
     cfg.validate()
     device_type = resolve_device(cfg.train.device)
+    if cfg.memory.max_memory == "auto" and world_size_from_env() > 1:
+        raise ConfigError(
+            "--max-memory auto reads each GPU's free memory, which can differ between processes and give "
+            "them different plans; with several processes give a size, e.g. --max-memory 70GiB."
+        )
+    cfg, memory_plan = plan_for_training(cfg, world_size=world_size_from_env(), device_type=device_type)
     memory = resolve_memory(cfg, world_size=world_size_from_env(), device_type=device_type)
     accelerator = build_accelerator(cfg, memory)
     main = accelerator.is_main_process
@@ -183,6 +190,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if main:
         run.create()
         run.write_config(cfg, {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
+                               "memory_plan": memory_plan.as_dict() if memory_plan else None,
                                "num_parameters": num_parameters, "weighted_layers": weighted_layers})
     accelerator.wait_for_everyone()
 

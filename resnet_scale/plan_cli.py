@@ -1,0 +1,162 @@
+"""``resnet-scale plan``: predict the peak GPU memory of a run and find the fastest settings that
+fit a budget, before launching anything.
+
+    resnet-scale plan --block bottleneck --depth 50 --image-size 224 --batch-size 256 \\
+        --data synthetic --max-memory 8GiB [--world-size N] [--json]
+
+Prints the predicted breakdown for the settings as given, whether they fit, and the fastest plan
+that fits, as the exact flags to add to the ``resnet-scale train`` command. ``--json`` prints
+``{"predicted_peak_bytes", "fits", "breakdown"}`` of the settings as given, ``"flags"`` to add,
+and ``"plan"`` (the plan's peak, breakdown, settings, relative step time, notes).
+
+Exit status: 0 -- the settings fit, or a plan that fits was found; 2 -- bad input (a flag, a
+size, settings that cannot work); 3 -- nothing fits the budget (the smallest memory that would
+work is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from resnet_scale.config import Config, ConfigError, MemoryConfig
+from resnet_scale.config_args import add_config_arguments, config_from_args
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NOTHING_FITS = 0, 2, 3
+
+
+def _config_has_max_memory() -> bool:
+    """True once ``MemoryConfig.max_memory`` exists: its generated ``--max-memory`` flag is then
+    the one ``plan`` reads (a second flag of the same name would clash)."""
+    return any(f.name == "max_memory" for f in dataclasses.fields(MemoryConfig))
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training config flags, plus ``--max-memory SIZE`` (required), ``--world-size N`` and
+    ``--json``."""
+    add_config_arguments(parser)
+    group = parser.add_argument_group("plan", "The memory budget and the devices to plan for.")
+    if not _config_has_max_memory():
+        group.add_argument(
+            "--max-memory", metavar="SIZE", default=None,
+            help="Memory budget per device: 8GiB (2^30 bytes), 8GB (10^9), 512MiB, or auto (the GPU's free "
+                 "memory). Required.",
+        )
+    group.add_argument("--world-size", type=int, default=1, metavar="N",
+                       help="Devices (processes) the global --batch-size is split over (default: 1).")
+    group.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+    return parser
+
+
+def _budget_text(ns: argparse.Namespace, cfg: Config) -> str | None:
+    return getattr(ns, "max_memory", None) or getattr(cfg.memory, "max_memory", None)
+
+
+def _device_type(cfg: Config) -> str:
+    """Plan for a GPU unless --device cpu: planning happens before launch, often elsewhere."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
+def _header(cfg: Config, world: int, device_type: str, budget: int) -> str:
+    from resnet_scale.memory.planner import format_bytes
+
+    from resnet_scale.models import count_weighted_layers
+
+    layers, _ = cfg.layers()
+    return (
+        f"ResNet-{count_weighted_layers(cfg.model.block, layers)} ({cfg.model.block} blocks "
+        f"{','.join(map(str, layers))}, {cfg.stem()} stem), "
+        f"{cfg.image_size()} px, global batch {cfg.train.batch_size} over {world} {device_type} device(s); "
+        f"budget {format_bytes(budget)} per device"
+    )
+
+
+def run_plan(ns: argparse.Namespace) -> int:
+    """Print the breakdown and the plan; return the exit status (module docstring)."""
+    from resnet_scale.data import DataError
+    from resnet_scale.memory.planner import format_bytes, parse_bytes
+    from resnet_scale.memory.planner_search import plan_memory
+
+    try:
+        cfg = config_from_args(ns).validate()
+        text = _budget_text(ns, cfg)
+        if not text:
+            raise ConfigError(
+                "--max-memory SIZE is required: the memory budget per device, e.g. 8GiB, 8GB, 512MiB or auto."
+            )
+        budget = parse_bytes(text)
+        if budget is None:
+            raise ConfigError(f"--max-memory {text!r}: give a size, e.g. 8GiB.")
+        world = ns.world_size
+        if world < 1:
+            raise ConfigError(f"--world-size {world} must be at least 1.")
+        device_type = _device_type(cfg)
+        plan = plan_memory(cfg, budget, world_size=world, device_type=device_type)
+    except (ConfigError, DataError) as err:
+        print(f"resnet-scale plan: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    given = plan.given
+    if ns.json:
+        print(json.dumps({
+            "predicted_peak_bytes": given.total,
+            "fits": given.total <= budget,
+            "budget_bytes": budget,
+            "world_size": world,
+            "breakdown": given.breakdown(),
+            "settings": given.settings,
+            "flags": plan.flags,
+            "plan": plan.as_dict(),
+        }, indent=2))
+    else:
+        print(f"resnet-scale plan: {_header(cfg, world, device_type, budget)}")
+        print()
+        print(f"settings as given: {plan.given_description}")
+        print(given.format_table(budget))
+        print()
+        if plan.fits:
+            speed = f"predicted step time {plan.predicted_relative_time:.2f}x that of the settings as given"
+            if not plan.flags:
+                print(f"fastest plan that fits: the settings as given ({speed}).")
+            else:
+                print(f"fastest plan that fits: {plan.describe()}")
+                print(f"  predicted peak {format_bytes(plan.predicted_peak_bytes)}, {speed}")
+                print(f"  add: {' '.join(plan.flags)}")
+                print(plan.estimate.format_table(budget))
+        else:
+            print(f"nothing fits in {format_bytes(budget)} per device: the smallest plan needs "
+                  f"{format_bytes(plan.smallest_budget_bytes)} ({plan.smallest_budget_bytes} bytes):")
+            print(f"  {plan.describe()}")
+            if plan.flags:
+                print(f"  flags: {' '.join(plan.flags)}")
+            print(f"  give --max-memory {_round_up_gib(plan.smallest_budget_bytes)} or more, or lower --batch-size / "
+                  f"--image-size, or spread the batch over more devices (--world-size).")
+        if plan.notes:
+            print()
+            print("notes:")
+            for note in plan.notes:
+                print(f"  - {note}")
+    if not plan.fits:
+        if ns.json:
+            print(f"resnet-scale plan: nothing fits in {format_bytes(budget)}; the smallest plan needs "
+                  f"{format_bytes(plan.smallest_budget_bytes)}", file=sys.stderr)
+        return EXIT_NOTHING_FITS
+    return EXIT_OK
+
+
+def _round_up_gib(n: int) -> str:
+    """A --max-memory value at or above ``n`` bytes, in tenths of a GiB."""
+    tenths = -(-n * 10 // 2**30)
+    return f"{tenths / 10:.1f}GiB"
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """``resnet-scale plan`` without the subcommand (for tests and ``python -m``)."""
+    parser = add_plan_arguments(argparse.ArgumentParser(prog="resnet-scale plan", description=__doc__.split("\n\n")[0]))
+    return run_plan(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(plan_main())

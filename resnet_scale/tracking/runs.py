@@ -1,0 +1,159 @@
+"""Finished runs read back from their folders (``config.json``, ``metrics.jsonl``,
+``summary.json``, as ``resnet_scale.train.run_dir`` writes them), and grouped by a config key.
+Reports are built from these files only: no tracker or network is needed to compare runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+
+
+class ReportError(ValueError):
+    """Input a report cannot be built from; the message names the folder or key and what to do."""
+
+
+@dataclass
+class Run:
+    """One finished run: its folder name, the saved config payload, metrics and summary."""
+
+    path: Path
+    payload: dict[str, Any]  # config.json: {"config": {sections}, "environment": ..., ...}
+    summary: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.payload.get("config", {})
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        """The ``metrics.jsonl`` records of one split (``train`` or ``test``), in order."""
+        return [r for r in self.records if r.get("split") == name]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot read it as JSON ({err}).") from None
+
+
+def load_run(path: str | Path) -> Run:
+    """Read one run folder; a folder without the run files is a ReportError that names it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a folder; give run folders (or an --output-dir holding them).")
+    missing = [name for name in RUN_FILES if not (path / name).is_file()]
+    if missing:
+        what = "not a run folder" if "config.json" in missing else "an unfinished or crashed run"
+        raise ReportError(f"{path} is {what}: it has no {', '.join(missing)}. A run folder holds "
+                          f"{', '.join(RUN_FILES)} (written by resnet-scale train).")
+    records = []
+    for number, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise ReportError(f"{path / 'metrics.jsonl'} line {number} is not JSON.") from None
+    payload, summary = _read_json(path / "config.json"), _read_json(path / "summary.json")
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise ReportError(f"{path / 'config.json'} has no \"config\" section; is this a resnet-scale run?")
+    return Run(path=path, payload=payload, summary=summary, records=records)
+
+
+def expand_run_dirs(paths: list[str | Path], *, warn=None) -> list[Path]:
+    """Run folders as given, an output folder standing for its finished run sub-folders (sorted
+    by name; unfinished ones are skipped with a warning). Duplicates are dropped."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise ReportError(f"{path}: no such folder.")
+        if is_run_dir(path):
+            found = [path]
+        else:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))
+            found = [p for p in children if (p / "summary.json").is_file()]
+            for skipped in sorted(set(children) - set(found)):
+                if warn:
+                    warn(f"skipping {skipped}: no summary.json (unfinished or crashed run)")
+            if not found:
+                raise ReportError(f"{path} is not a run folder and holds no finished runs "
+                                  f"(a run folder holds {', '.join(RUN_FILES)}).")
+        out.extend(p for p in found if p.resolve() not in {q.resolve() for q in out})
+    if not out:
+        raise ReportError("no run folders given.")
+    return out
+
+
+_MISSING = object()
+
+
+def _walk(tree: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def config_value(run: Run, key: str) -> Any:
+    """The value of ``key`` in a run's config: dotted (``model.block``, ``environment.gpu``) or a
+    field name searched across the config sections (``block``, ``depth``, ``precision``). A
+    field left unset (``None``) takes its resolved value when the run saved one (e.g. the
+    precision that ``--low-memory`` picked)."""
+    if "." in key:
+        parts = key.split(".")
+        value = _walk(run.config, parts)
+        if value is _MISSING:
+            value = _walk(run.payload, parts)
+    else:
+        value = _MISSING
+        for section in run.config.values():
+            if isinstance(section, dict) and key in section:
+                value = section[key]
+                break
+        if value is _MISSING:
+            value = run.payload.get(key, _MISSING)
+    resolved, last = run.payload.get("memory"), key.split(".")[-1]
+    if value is None and isinstance(resolved, dict) and resolved.get(last) is not None:
+        value = resolved[last]
+    if value is _MISSING:
+        fields = sorted(k for s in run.config.values() if isinstance(s, dict) for k in s)
+        raise ReportError(f"--group-by {key!r}: run {run.path} has no such config key. Use a field name "
+                          f"({', '.join(fields)}) or a dotted path such as model.block.")
+    return value
+
+
+def group_label(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def group_runs(runs: list[Run], key: str) -> dict[str, list[Run]]:
+    """Runs by the value of ``key``, groups in the order they first appear."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(group_label(config_value(run, key)), []).append(run)
+    return groups
+
+
+def measure_time_to_target(run: Run, target: float) -> float | None:
+    """Seconds from the start until the first evaluation at or above ``target`` accuracy."""
+    for record in run.split("test"):
+        if record.get("accuracy") is not None and record["accuracy"] >= target:
+            return record.get("time_s")
+    return None
