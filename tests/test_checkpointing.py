@@ -35,13 +35,7 @@ SMALL_LAYERS = (4, 1, 2)
 EXACT = dict(atol=1e-6, rtol=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(block: str, seed: int = 0, **kw) -> nn.Module:

@@ -22,13 +22,7 @@ from resnet_scale.models import build_resnet
 MiB = 2**20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_model(block: str, depth: int | None, stem: str = "imagenet", **kw) -> nn.Module:

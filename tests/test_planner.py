@@ -22,13 +22,7 @@ from resnet_scale.models import build_resnet
 MiB, GiB = 2**20, 2**30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU tensors: one intra-op thread is faster and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(block="bottleneck", depth=50, image_size=224, batch=256, **memory) -> Config:
