@@ -39,12 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         "plan that fits --max-memory, as the exact flags to add. Exit status: 0 fits or a plan was found, "
         "2 bad input, 3 nothing fits.",
     ))
+    from resnet_scale.report_cli import add_report_arguments
+
+    add_report_arguments(sub.add_parser(
+        "report", help="compare run folders: plots and mean +- std tables (report.html, report.md)",
+        description="Build a comparison report from local run folders (or output folders holding runs).",
+    ))
     sub.add_parser("zoo", help="print the table of blocks x depths: weighted layers and parameters")
     return parser
 
 
 def _run_train(ns: argparse.Namespace) -> int:
     from resnet_scale.data import DataError
+    from resnet_scale.tracking import TrackingError
     from resnet_scale.train import train
 
     # apply_* transforms and the planner say what they did through this logger (main process only).
@@ -53,7 +60,7 @@ def _run_train(ns: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(ns).validate()
         train(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, TrackingError) as err:
         print(f"resnet-scale train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
@@ -78,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from resnet_scale.plan_cli import run_plan
 
         return run_plan(ns)
+    if ns.command == "report":
+        from resnet_scale.report_cli import run_report
+
+        return run_report(ns)
     if ns.command == "zoo":
         return _run_zoo()
     raise AssertionError(ns.command)

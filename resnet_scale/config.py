@@ -201,6 +201,19 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Training device; 'auto' uses the GPU when there is one.")
     output_dir: str = _f("runs", "Folder that holds one sub-folder per run.")
     run_name: Optional[str] = _f(None, "Name of this run's folder; default: generated from model, data and time.")
+    tracker: Literal["auto", "wandb", "tensorboard", "none"] = _f(
+        "auto", "Where metrics go besides the run folder: Weights & Biases (offline by itself without an API "
+        "key or network; `wandb sync` uploads later), TensorBoard (<run>/tensorboard), or none; 'auto' = "
+        "wandb when it is installed (pip install 'resnet-scale[wandb]'), else none."
+    )
+    wandb_project: str = _f("resnet-scale", "W&B project of the run.")
+    wandb_entity: Optional[str] = _f(None, "W&B entity (user or team); default: the API key's default entity.")
+    run_group: Optional[str] = _f(None, "Group of related runs (the W&B group), e.g. one comparison.")
+    tags: Optional[tuple[str, ...]] = _f(None, "Comma-separated W&B tags, e.g. r18,plain.")
+    target_accuracy: Optional[float] = _f(
+        None, "Test accuracy (0-1); the summary records time_to_target_s, the seconds until an evaluation "
+        "first reaches it."
+    )
     log_every: int = _f(10, "Write a train metrics line every N optimizer steps.")
     eval_every: int = _f(1, "Evaluate on the test split every N epochs (and always at the end).")
     deterministic: bool = _f(False, "Use deterministic algorithms (slower; for exact reproducibility).")
@@ -243,6 +256,14 @@ class Config:
             return resolve_layers(self.model.block, self.model.depth, self.model.layers)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def tracker(self) -> str:
+        """The tracker after resolving 'auto' (wandb when installed)."""
+        if self.train.tracker != "auto":
+            return self.train.tracker
+        import importlib.util
+
+        return "wandb" if importlib.util.find_spec("wandb") is not None else "none"
 
     def engine(self) -> str:
         """'ddp' or 'deepspeed' after resolving --distributed auto."""
@@ -287,6 +308,8 @@ class Config:
                 raise ConfigError(f"{name} {value} must be at least {low}.")
         if d.in_memory_limit_gib <= 0:
             raise ConfigError(f"--in-memory-limit-gib {d.in_memory_limit_gib} must be positive.")
+        if t.target_accuracy is not None and not 0 < t.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy {t.target_accuracy} must be in (0, 1], e.g. 0.85 for 85%.")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"--max-steps {t.max_steps} must be at least 1 (or omit it to use --epochs).")
         if o.lr <= 0:

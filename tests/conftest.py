@@ -1,7 +1,13 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# Runs started by tests track nothing unless a test asks for W&B itself (the default tracker is
+# wandb, which would add a wandb/ folder to every run and cost seconds per run).
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 @pytest.fixture(scope="module")

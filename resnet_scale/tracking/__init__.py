@@ -12,6 +12,7 @@ from resnet_scale.tracking.trackers import (
     TrackingError,
     build_tracker,
     build_tracker_config,
+    check_tracker,
     tracker_metrics,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "TrackingError",
     "build_tracker",
     "build_tracker_config",
+    "check_tracker",
     "expand_run_dirs",
     "load_run",
     "tracker_metrics",

@@ -201,10 +201,14 @@ _PACKAGE_HINTS = {
 }
 
 
-def _require(kind: str) -> None:
-    """Checked on every rank, so all of them stop together with the same message."""
+def check_tracker(kind: str) -> None:
+    """Refuse an unknown kind or a tracker whose package is missing (TrackingError with the pip
+    command). Call it on every rank, early (before loading data), so all of them stop together
+    with the same message; ``build_tracker`` calls it too."""
     import importlib.util
 
+    if kind not in TRACKERS:
+        raise TrackingError(f"--tracker {kind!r} is not one of {', '.join(TRACKERS)}.")
     if kind in _PACKAGE_HINTS and importlib.util.find_spec(kind) is None:
         raise TrackingError(_PACKAGE_HINTS[kind])
 
@@ -217,6 +221,8 @@ def _build_wandb(run_dir: Path, config: dict, project: str, entity: str | None, 
     if os.environ.get("WANDB_MODE") == "":  # wandb.Settings refuses an empty mode; empty means unset
         del os.environ["WANDB_MODE"]
     mode, reason = wandb_mode()
+    if mode == "disabled":  # WANDB_MODE=disabled: W&B off, nothing written (what test suites set)
+        return NullTracker()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(dir=str(run_dir), config=build_tracker_config(config), project=project, entity=entity,
@@ -284,9 +290,7 @@ def build_tracker(kind: str, *, is_main: bool, run_dir: Path, config: dict, proj
     """The tracker of one run. ``config`` is what ``config.json`` holds (``{"config": sections,
     "environment": ..., ...}``); ``run_dir`` is the run's folder (W&B writes ``<run_dir>/wandb``).
     Non-main processes get a no-op tracker and create nothing."""
-    if kind not in TRACKERS:
-        raise TrackingError(f"--tracker {kind!r} is not one of {', '.join(TRACKERS)}.")
-    _require(kind)
+    check_tracker(kind)
     if kind == "none" or not is_main:
         return NullTracker()
     if kind == "tensorboard":

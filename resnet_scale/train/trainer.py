@@ -34,6 +34,7 @@ from resnet_scale.memory.planner_search import plan_for_training
 from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
 from resnet_scale.train.optim import build_optimizer, build_scheduler
+from resnet_scale.tracking import build_tracker, check_tracker
 from resnet_scale.train.progress import Progress
 from resnet_scale.train.step import StepResult, train_step
 from resnet_scale.train.run_dir import RunDir, default_run_name, environment_info
@@ -126,6 +127,8 @@ def _set_determinism(cfg: Config) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; returns the summary also written to ``summary.json``."""
     cfg.validate()
+    tracker_kind = cfg.tracker()
+    check_tracker(tracker_kind)  # a missing package stops every rank before any data loads
     device_type = resolve_device(cfg.train.device)
     if cfg.memory.max_memory == "auto" and world_size_from_env() > 1:
         raise ConfigError(
@@ -187,12 +190,20 @@ def train(cfg: Config) -> dict[str, Any]:
     if world > 1:  # generated names hold the time: every rank must use the main process's
         broadcast_object_list(name)
     run = RunDir(cfg.train.output_dir, name[0])
+    saved = {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
+             "memory_plan": memory_plan.as_dict() if memory_plan else None,
+             "num_parameters": num_parameters, "weighted_layers": weighted_layers}
     if main:
         run.create()
-        run.write_config(cfg, {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
-                               "memory_plan": memory_plan.as_dict() if memory_plan else None,
-                               "num_parameters": num_parameters, "weighted_layers": weighted_layers})
+        run.write_config(cfg, saved)
     accelerator.wait_for_everyone()
+    t = cfg.train
+    if main and t.tracker == "auto" and tracker_kind == "none":
+        logging.getLogger("resnet_scale").info(
+            "tracking: W&B is not installed, metrics go to the run folder only (pip install 'resnet-scale[wandb]')")
+    tracker = build_tracker(tracker_kind, is_main=main, run_dir=run.path, config={"config": cfg.to_dict(), **saved},
+                            project=t.wandb_project, entity=t.wandb_entity, group=t.run_group,
+                            tags=list(t.tags or []), run_name=run.path.name)
 
     progress = Progress(total_steps, enabled=main)
     progress.message(
@@ -205,6 +216,7 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
     step, best, last_eval, skipped = 0, 0.0, None, 0
+    time_to_target, last_logged_step = None, 0
     seen_samples: dict[int, list[int]] = {}  # epoch -> dataset indices this process trained on
     train_time, train_images = 0.0, 0
     started = time.perf_counter()
@@ -238,10 +250,12 @@ def train(cfg: Config) -> dict[str, Any]:
                     "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "split": "train",
                     "loss": loss_sum / count, "accuracy": correct / count,
                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": count / elapsed,
-                    "time_s": time.perf_counter() - started,
+                    "step_time_s": elapsed / (step - last_logged_step), "time_s": time.perf_counter() - started,
                 }
+                last_logged_step = step
                 if main:
                     run.log(record)
+                tracker.log(record, step=step)  # a no-op off the main process
                 progress.update(step, epoch + 1, {"loss": record["loss"], "acc": record["accuracy"],
                                                   "img/s": record["images_per_s"]}, log_line=True)
                 window = _Window.new(accelerator.device)
@@ -257,9 +271,14 @@ def train(cfg: Config) -> dict[str, Any]:
             record = {"step": step, "epoch": epoch + 1, "split": "test", "loss": last_eval["loss"],
                       "accuracy": last_eval["accuracy"], "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": None, "samples": last_eval["samples"],
-                      "epoch_time_s": time.perf_counter() - epoch_start, "time_s": time.perf_counter() - started}
+                      "epoch_time_s": time.perf_counter() - epoch_start, "time_s": time.perf_counter() - started,
+                      "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
+                                            if accelerator.device.type == "cuda" else None)}
+            if t.target_accuracy is not None and time_to_target is None and last_eval["accuracy"] >= t.target_accuracy:
+                time_to_target = record["time_s"]
             if main:
                 run.log(record)
+            tracker.log(record, step=step)
             progress.message(
                 f"epoch {epoch + 1}/{epochs}: test loss {last_eval['loss']:.4f} "
                 f"accuracy {last_eval['accuracy']:.2%} (best {best:.2%}) in {record['epoch_time_s']:.1f}s"
@@ -284,6 +303,9 @@ def train(cfg: Config) -> dict[str, Any]:
         "memory": memory.as_dict(),
         "world_size": world,
         "run_dir": str(run.path),
+        "target_accuracy": t.target_accuracy,
+        "time_to_target_s": time_to_target,
+        "tracker_run_id": tracker.run_id,
     }
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: gathers the shards
@@ -295,6 +317,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 str(e): [rank_samples.get(e, []) for rank_samples in samples] for e in range(epochs)}})
         run.write_summary(summary)
         run.close()
+        tracker.summary(summary)
+        tracker.finish()
         progress.message(
             f"done: final accuracy {summary['final_accuracy']:.2%}, best {summary['best_accuracy']:.2%}, "
             f"{summary['wall_time_s']:.0f}s, {summary['images_per_s']:.0f} img/s -> {run.path}"

@@ -1,0 +1,285 @@
+"""``resnet-scale report`` on real runs: two tiny digits runs per block (plain, basic) trained once
+through the real CLI, then the report's plots, tables, files, the W&B Report object, the CLI's
+errors and the recipes' commands.
+"""
+
+import html.parser
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resnet_scale.tracking.report import build_report
+from resnet_scale.tracking.runs import ReportError, load_run
+from resnet_scale.tracking.tables import format_spread, format_value
+from resnet_scale.tracking.trackers import TrackingError
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKS, SEEDS = ("plain", "basic"), (0, 1)
+RUN_KEYS = ("final_accuracy", "best_accuracy", "final_test_loss", "wall_time_s", "images_per_s",
+            "peak_memory_bytes", "num_parameters", "weighted_layers", "epochs")
+GROUP_KEYS = ("final_accuracy", "best_accuracy", "wall_time_s", "images_per_s", "num_parameters", "weighted_layers")
+
+# The real CLI, four times in one process (one interpreter start instead of four); 8-px digits
+# and one thread keep it to about a second per run, even on a busy 2-core machine.
+TRAIN_SCRIPT = """
+import sys
+from resnet_scale.cli import main
+out = sys.argv[1]
+for seed in (0, 1):
+    for block in ("plain", "basic"):
+        rc = main(["train", "--data", "digits", "--block", block, "--depth", "8", "--image-size", "8",
+                   "--batch-size", "128", "--lr", "0.1", "--epochs", "2", "--seed", str(seed), "--log-every", "3",
+                   "--device", "cpu", "--output-dir", out, "--run-name", f"{block}-s{seed}"])
+        assert rc == 0, (block, seed, rc)
+"""
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(runs_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return build_report([runs_root], out, group_by="block", title="plain vs basic", baseline="plain"), out
+
+
+def summaries(runs_root):
+    return {p.name: json.loads((p / "summary.json").read_text()) for p in sorted(runs_root.iterdir())}
+
+
+class Tables(html.parser.HTMLParser):
+    """Cell texts of every <table>, by its class."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cls, self._cell = {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._cls = dict(attrs)["class"]
+            self.tables[self._cls] = []
+        elif tag == "tr":
+            self.tables[self._cls].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[self._cls][-1].append(self._cell)
+            self._cell = None
+
+
+def test_report_has_every_run_and_pictures_with_data(report, runs_root):
+    result, out = report
+    assert {r["name"] for r in result["runs"]} == {f"{b}-s{s}" for b in BLOCKS for s in SEEDS}
+    assert [g["group"] for g in result["groups"]] == ["plain", "basic"]
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.image import imread
+
+    colours = colormaps["tab10"].colors[:2]  # plain, basic
+    for name, plot in result["plots"].items():
+        image = imread(out / plot["file"])[..., :3]
+        assert int((image.min(axis=-1) < 0.85).sum()) > 5000, name  # axes, text: not a blank picture
+        # The data itself: enough pixels in each group's colour (lines or bars).
+        drawn = [int((np.abs(image - np.array(c)).max(axis=-1) < 0.08).sum()) for c in colours]
+        if name == "peak_memory":
+            assert max(drawn) < 300, drawn  # CPU: the legend's patches only, "n/a (CPU)" instead of bars
+        else:
+            assert min(drawn) > 500, (name, drawn)  # a legend entry alone is ~100-250 pixels
+        if "lines" in plot:  # every run is a line with at least one point per epoch
+            assert set(plot["lines"]) == {r["name"] for r in result["runs"]}
+            assert min(plot["lines"].values()) >= 2, plot
+    assert all(v is None for v in result["plots"]["peak_memory"]["bars"].values())  # CPU
+    assert all(v > 0 for v in result["plots"]["images_per_s"]["bars"].values())
+
+    md = (out / "report.md").read_text()
+    assert md.index("![") < md.index("## Summary by block")  # pictures first, tables after
+    for plot in result["plots"].values():
+        assert f"]({plot['file']})" in md
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(result["plots"]) == 6
+    assert "src=\"http" not in page and "<script" not in page  # self-contained
+    assert json.loads((out / "report.json").read_text())["group_by"] == "block"
+
+
+def test_tables_hold_the_numbers_of_each_summary_json(report, runs_root):
+    result, out = report
+    by_name = summaries(runs_root)
+    for run in result["runs"]:
+        assert run["summary"] == by_name[run["name"]]  # report.json: exact numbers
+
+    parser = Tables()
+    parser.feed((out / "report.html").read_text())
+    runs = parser.tables["runs"]
+    header = runs[0]
+    for row in runs[1:]:
+        summary = by_name[row[0]]
+        for key, title in zip(RUN_KEYS, header[3:]):
+            assert row[header.index(title)] == format_value(key, summary[key]), (row[0], key)
+    assert {row[0] for row in runs[1:]} == set(by_name)
+    assert "n/a (CPU)" in runs[1]
+
+    groups = parser.tables["groups"]
+    assert [row[0] for row in groups[1:]] == ["plain", "basic"]
+    for row in groups[1:]:
+        members = [s for name, s in by_name.items() if name.startswith(row[0] + "-")]
+        assert row[1] == "2"
+        for key, cell in zip(GROUP_KEYS, row[2:]):
+            values = [m[key] for m in members]
+            mean, _, std = cell.partition(" ± ")
+            assert mean == format_value(key, statistics.fmean(values)), (row[0], key)
+            assert std == format_spread(key, statistics.stdev(values), statistics.fmean(values)), (row[0], key)
+            if key.endswith("accuracy"):
+                assert std == f"{100 * statistics.stdev(values):.2f} pp"
+
+    diff = parser.tables["differences"]
+    assert diff[1][:2] == ["basic", "plain"]
+    mean = {b: statistics.fmean(s["final_accuracy"] for n, s in by_name.items() if n.startswith(b)) for b in BLOCKS}
+    assert diff[1][2] == f"{100 * (mean['basic'] - mean['plain']):+.2f} pp"
+
+
+def test_group_by_dotted_resolved_and_single_group(runs_root, tmp_path):
+    dotted = build_report([runs_root], tmp_path / "a", group_by="model.block")
+    assert sorted(g["group"] for g in dotted["groups"]) == ["basic", "plain"]
+    single = build_report([runs_root / "plain-s0", runs_root / "basic-s1"], tmp_path / "b", group_by="precision")
+    assert [g["group"] for g in single["groups"]] == ["fp32"]  # unset in the config: the resolved value
+    assert single["differences"] == [] and "Difference from" not in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_bad_input_names_the_folder(runs_root, tmp_path, capsys):
+    from resnet_scale.report_cli import main
+
+    stray = tmp_path / "not-a-run"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("hello")
+    with pytest.raises(ReportError, match="not-a-run"):
+        build_report([stray], tmp_path / "out")
+    with pytest.raises(ReportError, match="no such config key"):
+        build_report([runs_root], tmp_path / "out", group_by="colour")
+    with pytest.raises(ReportError, match="--baseline 'resnet'"):
+        build_report([runs_root], tmp_path / "out", baseline="resnet")
+    unfinished = tmp_path / "crashed"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((runs_root / "plain-s0" / "config.json").read_text())
+    with pytest.raises(ReportError, match="unfinished or crashed run: it has no metrics.jsonl, summary.json"):
+        load_run(unfinished)
+
+    assert main([str(stray), "--out", str(tmp_path / "out")]) == 2
+    assert "not-a-run" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_cli_report_and_offline_wandb_report_explains_instead_of_failing(runs_root, tmp_path, capsys, monkeypatch):
+    from resnet_scale.report_cli import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert main([str(runs_root), "--out", str(tmp_path / "rep"), "--wandb-report", "--wandb-project", "p"]) == 0
+    captured = capsys.readouterr()
+    assert "report of 4 runs by block" in captured.out and (tmp_path / "rep" / "report.html").is_file()
+    assert "W&B report not published" in captured.err and "WANDB_API_KEY" in captured.err
+    assert "wandb sync" in captured.err
+
+
+def test_wandb_report_object_has_the_panels_and_filters(runs_root, monkeypatch, tmp_path):
+    import wandb_workspaces.reports.v2 as wr
+
+    from resnet_scale.tracking.wandb_report import build_wandb_report, publish_wandb_report
+
+    report = build_wandb_report([runs_root], project="resnet-scale", entity="me", group="r18-plain-vs-basic",
+                                title="plain vs basic", baseline="plain")
+    assert isinstance(report, wr.Report) and report.title == "plain vs basic" and report.entity == "me"
+    grid = next(b for b in report.blocks if isinstance(b, wr.PanelGrid))
+    (runset,) = grid.runsets
+    assert runset.project == "resnet-scale" and "Group" in str(runset.filters)
+    assert "r18-plain-vs-basic" in str(runset.filters)
+    assert runset.groupby == ["config.model.block"]
+    lines = {(p.x, tuple(p.y)) for p in grid.panels if isinstance(p, wr.LinePlot)}
+    assert lines == {("epoch", ("test/accuracy",)), ("time_s", ("test/accuracy",)),
+                     ("epoch", ("train/loss",)), ("time_s", ("train/loss",))}
+    assert sum(isinstance(p, wr.RunComparer) for p in grid.panels) == 1
+    assert {tuple(p.metrics) for p in grid.panels if isinstance(p, wr.BarPlot)} == {("images_per_s",),
+                                                                                    ("peak_memory_bytes",)}
+    tables = [b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock)]
+    assert any("| plain | 2 |" in t and "| basic | 2 |" in t and "±" in t for t in tables)
+
+    by_name = build_wandb_report([runs_root / "plain-s0", runs_root / "basic-s0"], project="p")
+    filters = str(next(b for b in by_name.blocks if isinstance(b, wr.PanelGrid)).runsets[0].filters)
+    assert "Name" in filters and "plain-s0" in filters and "basic-s0" in filters
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(TrackingError, match="WANDB_API_KEY.*wandb sync"):
+        publish_wandb_report(report)
+
+
+def _recipe(name, tmp_path, **env):
+    full = {**os.environ, "RUNS_DIR": str(tmp_path / "runs"), "REPORTS_DIR": str(tmp_path / "reports"), **env}
+    return subprocess.run(["bash", str(REPO / "launch" / "experiments" / name)], capture_output=True, text=True,
+                          env=full, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("recipe, group, blocks, depth", [
+    ("plain_vs_basic_r18.sh", "r18-plain-vs-basic", ("plain", "basic"), "18"),
+    ("basic_vs_bottleneck_r50.sh", "r50-basic-vs-bottleneck", ("basic", "bottleneck"), "50"),
+])
+def test_recipes_train_each_block_and_seed_alike_then_report(recipe, group, blocks, depth, tmp_path):
+    out = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0 1")
+    assert out.returncode == 0, out.stderr
+    commands = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("+ ")]
+    train, report = commands[:-1], commands[-1]
+    assert [(c[c.index("--block") + 1], c[c.index("--seed") + 1]) for c in train] == \
+        [(b, s) for s in ("0", "1") for b in blocks]
+    for c in train:  # CIFAR-10, 100 epochs, equal batch size and learning rate for every run
+        for flag, value in (("--data", "cifar10"), ("--depth", depth), ("--batch-size", "128"), ("--lr", "0.1"),
+                            ("--epochs", "100"), ("--tracker", "wandb"), ("--output-dir", str(tmp_path / "runs"))):
+            assert c[c.index(flag) + 1] == value, (flag, c)
+        assert c[c.index("--run-group") + 1] == group
+    assert report[:3] == ["resnet-scale", "report", str(tmp_path / "runs")]
+    assert report[report.index("--group-by") + 1] == "block" and report[report.index("--baseline") + 1] == blocks[0]
+
+    bad = _recipe(recipe, tmp_path, DRY_RUN="1", EPOCHS="zero")
+    assert bad.returncode == 2 and "EPOCHS must be a positive integer" in bad.stderr
+
+
+def _tracking_flags_wired() -> bool:
+    from resnet_scale.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    return all(f in train._option_string_actions for f in ("--tracker", "--run-group", "--tags"))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not _tracking_flags_wired(), reason="resnet-scale train has no --tracker/--run-group yet")
+@pytest.mark.parametrize("recipe, groups", [("plain_vs_basic_r18.sh", ["plain", "basic"]),
+                                            ("basic_vs_bottleneck_r50.sh", ["basic", "bottleneck"])])
+def test_digits_recipe_runs_end_to_end_offline(recipe, groups, tmp_path):
+    """The digits form of each recipe, shrunk (one seed, one epoch, 3-block model at 8 px): ~25 s."""
+    out = _recipe(recipe, tmp_path, DATA="digits", EPOCHS="1", SEEDS="0", TRACKER="none", OMP_NUM_THREADS="1",
+                  EXTRA="--layers 1,1,1 --image-size 8 --batch-size 128 --device cpu",
+                  REPORT_CMD=f"{sys.executable} -m resnet_scale.report_cli",
+                  TRAIN_CMD=f"{sys.executable} -m resnet_scale train", PYTHONPATH=str(REPO))
+    assert out.returncode == 0, out.stderr[-3000:]
+    short = recipe.split("_")[-1].removesuffix(".sh")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{short}-{g}-s0" for g in groups)
+    assert (tmp_path / "reports" / "report.html").is_file()
+    result = json.loads((tmp_path / "reports" / "report.json").read_text())
+    assert [g["group"] for g in result["groups"]] == groups  # the recipe's baseline first
