@@ -69,6 +69,7 @@ def test_micro_batches_give_the_full_batch_step(n, k):
     assert r_full.count == r_micro.count == n
     torch.testing.assert_close(r_full.loss_sum, r_micro.loss_sum, atol=1e-5, rtol=1e-6)
     assert int(r_full.correct) == int(r_micro.correct)
+    torch.testing.assert_close(r_full.grad_norm, r_micro.grad_norm, atol=1e-5, rtol=1e-5)
 
 
 def test_micro_batches_really_change_batchnorm_statistics_in_training_mode():
@@ -77,6 +78,22 @@ def test_micro_batches_really_change_batchnorm_statistics_in_training_mode():
     full, _ = one_step(small_model(), images, labels, 1)
     micro, _ = one_step(small_model(), images, labels, 4)
     assert not torch.allclose(full.layer1[0].conv1.weight, micro.layer1[0].conv1.weight, atol=1e-7)
+
+
+def test_grad_norm_is_reported_and_max_grad_norm_clips():
+    images, labels = batch(8)
+    _, free = one_step(small_model(), images, labels, 1)
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, optimizer = accelerator.prepare(model, optimizer)
+    clipped = train_step(accelerator, model, optimizer, images, labels, max_grad_norm=0.01)
+    torch.testing.assert_close(clipped.grad_norm, free.grad_norm)  # reported before clipping
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - before[n])
+                                                  for n, p in model.named_parameters()]))
+    assert float(moved) == pytest.approx(0.01, rel=1e-3)  # plain SGD, lr 1: the step is the clipped gradient
 
 
 def test_split_puts_empty_micro_batches_first():

@@ -53,6 +53,7 @@ def test_digits_reaches_95_percent_and_writes_every_file(tmp_path):
     assert [r["epoch"] for r in tests] == [1, 2, 3, 4, 5, 6]
     assert all(r["samples"] == 360 for r in tests)  # every test image counted once
     assert tests[-1]["accuracy"] == summary["final_accuracy"]
+    assert all(r["grad_norm"] > 0 and r["step_time_s"] > 0 for r in records if r["split"] == "train")
     train_steps = [r["step"] for r in records if r["split"] == "train"]
     assert train_steps == sorted(train_steps) and train_steps[-1] == summary["steps"] == 6 * 45
 

@@ -134,7 +134,10 @@ def apply_memory_transforms(model: nn.Module, settings: MemorySettings) -> nn.Mo
         apply_channels_last(model)
     if settings.checkpointing != "none":
         try:
-            apply_activation_checkpointing(model, settings.checkpointing, impl=settings.checkpoint_impl)
+            # fairscale's wrapper can keep its segment inputs on the CPU itself (offload_to_cpu).
+            offload = settings.offload_activations and settings.checkpoint_impl == "fairscale"
+            apply_activation_checkpointing(model, settings.checkpointing, impl=settings.checkpoint_impl,
+                                           offload_to_cpu=offload)
         except ImportError as err:
             raise ConfigError(str(err)) from None
     if settings.compile:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
 
@@ -27,6 +28,7 @@ class StepResult:
     correct: torch.Tensor  # correctly classified images (on device)
     count: int  # images in this device's batch
     stepped: bool  # False when fp16 loss scaling skipped the update (inf/nan gradients)
+    grad_norm: torch.Tensor | None = None  # total gradient norm before clipping (None under DeepSpeed)
 
 
 def split_micro_batches(images: torch.Tensor, labels: torch.Tensor, steps: int):
@@ -58,6 +60,7 @@ def train_step(
     n = labels.numel()
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    grad_norm = None
     for x, y in split_micro_batches(images, labels, accumulation_steps):
         with accelerator.accumulate(model):
             if y.numel():
@@ -67,9 +70,11 @@ def train_step(
                 accelerator.backward(loss * (accumulation_steps / n))
                 loss_sum += loss.detach().double()
                 correct += (logits.detach().argmax(1) == y).sum()
-            if max_grad_norm and accelerator.sync_gradients:  # DeepSpeed clips itself (gradient_clipping)
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if accelerator.sync_gradients and accelerator.distributed_type != DistributedType.DEEPSPEED:
+                # The (unscaled, all-reduced) gradient norm; clips only with --max-grad-norm.
+                # DeepSpeed clips itself (gradient_clipping) and keeps its gradients partitioned.
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
             optimizer.step()  # a no-op until the last micro-batch (Accelerate checks sync_gradients)
             optimizer.zero_grad(set_to_none=True)
     stepped = not getattr(optimizer, "step_was_skipped", False)
-    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped)
+    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm)

@@ -216,7 +216,7 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
     step, best, last_eval, skipped = 0, 0.0, None, 0
-    time_to_target, last_logged_step = None, 0
+    time_to_target, last_logged_step, last_grad_norm = None, 0, None
     seen_samples: dict[int, list[int]] = {}  # epoch -> dataset indices this process trained on
     train_time, train_images = 0.0, 0
     started = time.perf_counter()
@@ -237,6 +237,7 @@ def train(cfg: Config) -> dict[str, Any]:
             else:
                 skipped += 1  # fp16 loss scaling found inf/nan gradients and skipped the update
             window.add(result)
+            last_grad_norm = result.grad_norm if result.grad_norm is not None else last_grad_norm
             if cfg.distributed.record_samples:
                 seen_samples.setdefault(epoch, []).extend(epoch_batches[epoch_step - 1].tolist())
             step += 1
@@ -251,6 +252,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     "loss": loss_sum / count, "accuracy": correct / count,
                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": count / elapsed,
                     "step_time_s": elapsed / (step - last_logged_step), "time_s": time.perf_counter() - started,
+                    "grad_norm": float(last_grad_norm) if last_grad_norm is not None else None,
                 }
                 last_logged_step = step
                 if main:
