@@ -134,3 +134,24 @@ def test_imagefolder_streamed_and_in_memory_train_identically(tmp_path):
     assert held.returncode == 0 and streamed.returncode == 0, held.stderr + streamed.stderr
     strip = lambda rs: [(r["split"], r["step"], r["loss"], r["accuracy"]) for r in rs]  # noqa: E731
     assert strip(read_jsonl(tmp_path / "held" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "streamed" / "metrics.jsonl"))
+
+
+def test_a_synthetic_run_needs_no_optional_dependency(tmp_path):
+    """DESIGN rule 7: with deepspeed, fairscale, wandb, datasets, sklearn ... absent, a synthetic run
+    trains (tracking falls back to local files) and asking for W&B explicitly says what to install."""
+    code = f"""
+import sys
+for name in ('wandb', 'deepspeed', 'fairscale', 'datasets', 'sklearn', 'matplotlib', 'wandb_workspaces',
+             'transformers', 'pyarrow', 'tensorboard'):
+    sys.modules[name] = None  # import fails, importlib.util.find_spec finds nothing
+from resnet_scale.cli import main
+args = ['train', '--data', 'synthetic', '--depth', '8', '--image-size', '16', '--max-steps', '2',
+        '--batch-size', '16', '--output-dir', {str(tmp_path)!r}]
+assert main([*args, '--run-name', 'plain']) == 0
+assert main([*args, '--run-name', 'asked', '--tracker', 'wandb']) == 2
+"""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "W&B is not installed" in out.stderr and "pip install 'resnet-scale[wandb]'" in out.stderr
+    assert (tmp_path / "plain" / "summary.json").exists() and not (tmp_path / "asked").exists()
