@@ -57,12 +57,17 @@ def _run_train(ns: argparse.Namespace) -> int:
     # apply_* transforms and the planner say what they did through this logger (main process only).
     logging.basicConfig(format="resnet-scale: %(message)s", level=logging.WARNING)
     logging.getLogger("resnet_scale").setLevel(logging.INFO)
+    from resnet_scale.train.checkpoint import EXIT_PREEMPTED, Preempted
+
     try:
         cfg = config_from_args(ns).validate()
         train(cfg)
     except (ConfigError, DataError, TrackingError) as err:
         print(f"resnet-scale train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Preempted as stop:
+        print(f"resnet-scale train: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

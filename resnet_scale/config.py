@@ -214,6 +214,15 @@ class TrainConfig:
         None, "Test accuracy (0-1); the summary records time_to_target_s, the seconds until an evaluation "
         "first reaches it."
     )
+    checkpoint_every: Optional[int] = _f(
+        None, "Save a checkpoint (model, optimizer, schedule, RNG, data position) every N optimizer steps "
+        "and at each epoch end; SIGTERM/SIGUSR1 always save one before stopping."
+    )
+    keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints of the run.")
+    resume: Optional[str] = _f(
+        None, "Continue a run: 'auto' = the newest complete checkpoint of --run-name (a fresh start if "
+        "there is none), or a checkpoint folder <run>/checkpoints/step-N."
+    )
     log_every: int = _f(10, "Write a train metrics line every N optimizer steps.")
     eval_every: int = _f(1, "Evaluate on the test split every N epochs (and always at the end).")
     deterministic: bool = _f(False, "Use deterministic algorithms (slower; for exact reproducibility).")
@@ -303,6 +312,7 @@ class Config:
             ("--log-every", t.log_every, 1),
             ("--eval-every", t.eval_every, 1),
             ("--num-workers", d.num_workers, 0),
+            ("--keep-checkpoints", t.keep_checkpoints, 1),
         ):
             if value < low:
                 raise ConfigError(f"{name} {value} must be at least {low}.")
@@ -310,6 +320,11 @@ class Config:
             raise ConfigError(f"--in-memory-limit-gib {d.in_memory_limit_gib} must be positive.")
         if t.target_accuracy is not None and not 0 < t.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy {t.target_accuracy} must be in (0, 1], e.g. 0.85 for 85%.")
+        if t.checkpoint_every is not None and t.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every {t.checkpoint_every} must be at least 1 step.")
+        if t.resume == "auto" and t.run_name is None:
+            raise ConfigError("--resume auto continues the run named by --run-name; give --run-name NAME "
+                              "(or --resume <run>/checkpoints/step-N).")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"--max-steps {t.max_steps} must be at least 1 (or omit it to use --epochs).")
         if o.lr <= 0:

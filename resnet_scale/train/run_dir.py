@@ -86,6 +86,7 @@ class RunDir:
         self.path = Path(output_dir) / check_run_name(run_name)
         self.metrics_path = self.path / "metrics.jsonl"
         self._metrics = None
+        self.lines_written = 0  # events in metrics.jsonl (a checkpoint records it)
 
     def create(self) -> "RunDir":
         try:
@@ -102,6 +103,16 @@ class RunDir:
         self.path.mkdir(exist_ok=True)
         return self
 
+    def reopen(self, *, metrics_lines: int) -> "RunDir":
+        """Continue this run's folder after a checkpoint: metrics.jsonl is cut back to the lines it
+        had when the checkpoint was saved, so no event appears twice."""
+        if not (self.path / "config.json").is_file():
+            raise ConfigError(f"{self.path} holds no run (no config.json) to resume.")
+        lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
+        _atomic_write(self.metrics_path, "".join(lines[:metrics_lines]))
+        self.lines_written = min(metrics_lines, len(lines))
+        return self
+
     def write_config(self, cfg: Config, extra: dict[str, Any]) -> None:
         payload = {"config": cfg.to_dict(), **extra}
         _atomic_write(self.path / "config.json", json.dumps(payload, indent=2) + "\n")
@@ -111,6 +122,7 @@ class RunDir:
         if self._metrics is None:
             self._metrics = open(self.metrics_path, "a", buffering=1)
         self._metrics.write(json.dumps(record) + "\n")
+        self.lines_written += 1
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)

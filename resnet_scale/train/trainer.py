@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,13 @@ from resnet_scale.memory.settings import activation_offload, apply_memory_transf
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
 from resnet_scale.train.optim import build_optimizer, build_scheduler
 from resnet_scale.tracking import build_tracker, check_tracker
+from resnet_scale.train.checkpoint import (
+    Preempted,
+    StopFlag,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from resnet_scale.train.progress import Progress
 from resnet_scale.train.step import StepResult, train_step
 from resnet_scale.train.run_dir import RunDir, default_run_name, environment_info
@@ -53,6 +61,16 @@ class _Window:
     def new(cls, device: torch.device) -> "_Window":
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         return cls(zero(), zero(), zero(), time.perf_counter())
+
+    def snapshot(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": float(self.count),
+                "elapsed": time.perf_counter() - self.started}
+
+    def restore(self, saved: dict[str, float]) -> None:
+        self.loss_sum.fill_(saved["loss_sum"])
+        self.correct.fill_(saved["correct"])
+        self.count.fill_(saved["count"])
+        self.started = time.perf_counter() - saved["elapsed"]
 
     def add(self, result: StepResult) -> None:
         self.loss_sum += result.loss_sum
@@ -184,20 +202,30 @@ def train(cfg: Config) -> dict[str, Any]:
         logging.getLogger("resnet_scale").info("channels_last under ZeRO: NHWC inputs and activations, weights stay NCHW")
     model = apply_memory_transforms(model, model_memory)  # in place: the optimizer's tensors stay the same
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # save_state/load_state carry the schedule too
     offload = activation_offload(memory, accelerator.device)
 
-    name = [cfg.train.run_name or default_run_name(cfg)]
-    if world > 1:  # generated names hold the time: every rank must use the main process's
-        broadcast_object_list(name)
-    run = RunDir(cfg.train.output_dir, name[0])
+    t = cfg.train
+    resume_from = Path(t.resume) if t.resume not in (None, "auto") else None
+    if resume_from is not None:  # <output>/<run>/checkpoints/step-N
+        run = RunDir(resume_from.resolve().parents[2], resume_from.resolve().parents[1].name)
+    else:
+        name = [t.run_name or default_run_name(cfg)]
+        if world > 1:  # generated names hold the time: every rank must use the main process's
+            broadcast_object_list(name)
+        run = RunDir(t.output_dir, name[0])
+    resume_from = resolve_resume(t.resume, run.path)
     saved = {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
              "memory_plan": memory_plan.as_dict() if memory_plan else None,
              "num_parameters": num_parameters, "weighted_layers": weighted_layers}
+    loop = load_checkpoint(accelerator, resume_from) if resume_from else {}
     if main:
-        run.create()
-        run.write_config(cfg, saved)
+        if resume_from:
+            run.reopen(metrics_lines=loop["metrics_lines"])
+        else:
+            run.create()
+            run.write_config(cfg, saved)
     accelerator.wait_for_everyone()
-    t = cfg.train
     if main and t.tracker == "auto" and tracker_kind == "none":
         logging.getLogger("resnet_scale").info(
             "tracking: W&B is not installed, metrics go to the run folder only (pip install 'resnet-scale[wandb]')")
@@ -215,19 +243,27 @@ def train(cfg: Config) -> dict[str, Any]:
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
-    step, best, last_eval, skipped = 0, 0.0, None, 0
-    time_to_target, last_logged_step, last_grad_norm = None, 0, None
+    step, best, last_eval, skipped = loop.get("step", 0), loop.get("best", 0.0), loop.get("last_eval"), loop.get("skipped", 0)
+    time_to_target, last_logged_step = loop.get("time_to_target"), loop.get("last_logged_step", 0)
+    last_grad_norm = loop.get("last_grad_norm")
     seen_samples: dict[int, list[int]] = {}  # epoch -> dataset indices this process trained on
-    train_time, train_images = 0.0, 0
-    started = time.perf_counter()
+    train_time, train_images = loop.get("train_time", 0.0), loop.get("train_images", 0)
+    started = time.perf_counter() - loop.get("elapsed", 0.0)
+    start_epoch, done_in_epoch = loop.get("epoch", 0), loop.get("epoch_step", 0)
+    stop = StopFlag().install()
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         train_loader.set_epoch(epoch)
         if cfg.distributed.record_samples:
             epoch_batches = train_loader.epoch_indices()
         epoch_start = time.perf_counter()
         window = _Window.new(accelerator.device)
+        skip = done_in_epoch if epoch == start_epoch else 0
+        if skip:  # resumed mid-epoch: the window of the interrupted log interval comes back too
+            window.restore(loop["window"])
         for epoch_step, (images, labels) in enumerate(train_loader, start=1):
+            if epoch_step <= skip:  # the loader is deterministic per (seed, epoch): skip what was trained
+                continue
             result = train_step(accelerator, model, optimizer, images, labels,
                                 accumulation_steps=memory.accumulation_steps,
                                 label_smoothing=cfg.optim.label_smoothing, offload=offload,
@@ -263,6 +299,23 @@ def train(cfg: Config) -> dict[str, Any]:
                 window = _Window.new(accelerator.device)
             else:
                 progress.update(step, epoch + 1, {}, log_line=False)
+            stopping = stop.requested
+            if world > 1:  # every rank stops at the same step
+                stopping = _reduce_sums(accelerator, torch.tensor(float(stopping), device=accelerator.device))[0] > 0
+            if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                state = dict(step=step, epoch=epoch, epoch_step=epoch_step, best=best, last_eval=last_eval,
+                             skipped=skipped, time_to_target=time_to_target, last_logged_step=last_logged_step,
+                             last_grad_norm=None if last_grad_norm is None else float(last_grad_norm),
+                             train_time=train_time, train_images=train_images,
+                             elapsed=time.perf_counter() - started, window=window.snapshot(),
+                             metrics_lines=run.lines_written)
+                saved_at = save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
+                if stopping:
+                    progress.close()
+                    tracker.finish()
+                    run.close()
+                    stop.restore()
+                    raise Preempted(saved_at)
             if step == total_steps:
                 break
 
@@ -285,9 +338,17 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"epoch {epoch + 1}/{epochs}: test loss {last_eval['loss']:.4f} "
                 f"accuracy {last_eval['accuracy']:.2%} (best {best:.2%}) in {record['epoch_time_s']:.1f}s"
             )
+        if t.checkpoint_every and not is_last:
+            state = dict(step=step, epoch=epoch + 1, epoch_step=0, best=best, last_eval=last_eval, skipped=skipped,
+                         time_to_target=time_to_target, last_logged_step=last_logged_step,
+                         last_grad_norm=None if last_grad_norm is None else float(last_grad_norm),
+                         train_time=train_time, train_images=train_images, elapsed=time.perf_counter() - started,
+                         window=_Window.new(accelerator.device).snapshot(), metrics_lines=run.lines_written)
+            save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
         if is_last:
             break
     progress.close()
+    stop.restore()
 
     summary = {
         "final_accuracy": last_eval["accuracy"] if last_eval else None,
