@@ -59,13 +59,15 @@ def test_sigterm_mid_epoch_then_resume_auto_is_exact(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_rank_ddp_sigterm_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2")], ids=["ddp", "zero2"])
+def test_two_rank_sigterm_then_resume_is_exact(tmp_path, engine):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(REPO / "launch" / "train.py")]
-    assert run_cli(*ARGS, "--output-dir", tmp_path, "--run-name", "straight", launcher=torchrun).returncode == 0
-    code, sent = _stop_at_step([*torchrun, *ARGS, "--output-dir", str(tmp_path), "--run-name", "cut"], "step 3/12")
+    args = (*ARGS, *engine)
+    assert run_cli(*args, "--output-dir", tmp_path, "--run-name", "straight", launcher=torchrun).returncode == 0
+    code, sent = _stop_at_step([*torchrun, *args, "--output-dir", str(tmp_path), "--run-name", "cut"], "step 3/12")
     assert sent and code != 0 and latest_checkpoint(tmp_path / "cut") is not None
-    resumed = run_cli(*ARGS, "--output-dir", tmp_path, "--run-name", "cut", "--resume", "auto", launcher=torchrun)
+    resumed = run_cli(*args, "--output-dir", tmp_path, "--run-name", "cut", "--resume", "auto", launcher=torchrun)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(tmp_path / "straight", tmp_path / "cut")
 

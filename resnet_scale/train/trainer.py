@@ -105,6 +105,17 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, accelerator: Accelera
     return {"loss": total_loss / total, "accuracy": total_correct / total, "samples": int(total)}
 
 
+def _broadcast_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every rank rank 0's BatchNorm running statistics. DDP broadcasts buffers before each
+    forward; DeepSpeed does not, so its ranks drift apart. Done before every evaluation and
+    checkpoint, so evaluation uses the statistics that are saved and exported (rank 0's) and a
+    resumed run evaluates exactly as an uninterrupted one."""
+    import torch.distributed as dist
+
+    for buffer in accelerator.unwrap_model(model).buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def _build_data(cfg: Config):
     """(train, test): ImageSets held in memory, or ImageFolderIndexes to stream for an image
     folder too big to hold (--in-memory)."""
@@ -251,6 +262,7 @@ def train(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter() - loop.get("elapsed", 0.0)
     start_epoch, done_in_epoch = loop.get("epoch", 0), loop.get("epoch_step", 0)
     stop = StopFlag().install()
+    sync_buffers = cfg.engine() == "deepspeed" and world > 1
     model.train()
     for epoch in range(start_epoch, epochs):
         train_loader.set_epoch(epoch)
@@ -309,6 +321,8 @@ def train(cfg: Config) -> dict[str, Any]:
                              train_time=train_time, train_images=train_images,
                              elapsed=time.perf_counter() - started, window=window.snapshot(),
                              metrics_lines=run.lines_written)
+                if sync_buffers:
+                    _broadcast_buffers(model, accelerator)
                 saved_at = save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
                 if stopping:
                     progress.close()
@@ -321,6 +335,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
         is_last = step == total_steps
         if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
+            if sync_buffers:
+                _broadcast_buffers(model, accelerator)
             last_eval = evaluate(model, test_loader, accelerator)
             best = max(best, last_eval["accuracy"])
             record = {"step": step, "epoch": epoch + 1, "split": "test", "loss": last_eval["loss"],
