@@ -263,6 +263,19 @@ def train(cfg: Config) -> dict[str, Any]:
     start_epoch, done_in_epoch = loop.get("epoch", 0), loop.get("epoch_step", 0)
     stop = StopFlag().install()
     sync_buffers = cfg.engine() == "deepspeed" and world > 1
+
+    def checkpoint(resume_epoch: int, resume_epoch_step: int, window_state: dict[str, float]) -> Path:
+        """Save everything a resumed run needs to continue at batch ``resume_epoch_step`` of
+        ``resume_epoch`` with identical metrics (one place for mid-epoch and epoch-end saves)."""
+        state = dict(step=step, epoch=resume_epoch, epoch_step=resume_epoch_step, best=best, last_eval=last_eval,
+                     skipped=skipped, time_to_target=time_to_target, last_logged_step=last_logged_step,
+                     last_grad_norm=None if last_grad_norm is None else float(last_grad_norm),
+                     train_time=train_time, train_images=train_images, elapsed=time.perf_counter() - started,
+                     window=window_state, metrics_lines=run.lines_written)
+        if sync_buffers:  # the saved statistics are rank 0's: every rank resumes with the same ones
+            _broadcast_buffers(model, accelerator)
+        return save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
+
     model.train()
     for epoch in range(start_epoch, epochs):
         train_loader.set_epoch(epoch)
@@ -315,15 +328,7 @@ def train(cfg: Config) -> dict[str, Any]:
             if world > 1:  # every rank stops at the same step
                 stopping = _reduce_sums(accelerator, torch.tensor(float(stopping), device=accelerator.device))[0] > 0
             if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                state = dict(step=step, epoch=epoch, epoch_step=epoch_step, best=best, last_eval=last_eval,
-                             skipped=skipped, time_to_target=time_to_target, last_logged_step=last_logged_step,
-                             last_grad_norm=None if last_grad_norm is None else float(last_grad_norm),
-                             train_time=train_time, train_images=train_images,
-                             elapsed=time.perf_counter() - started, window=window.snapshot(),
-                             metrics_lines=run.lines_written)
-                if sync_buffers:
-                    _broadcast_buffers(model, accelerator)
-                saved_at = save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
+                saved_at = checkpoint(epoch, epoch_step, window.snapshot())
                 if stopping:
                     progress.close()
                     tracker.finish()
@@ -355,12 +360,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"accuracy {last_eval['accuracy']:.2%} (best {best:.2%}) in {record['epoch_time_s']:.1f}s"
             )
         if t.checkpoint_every and not is_last:
-            state = dict(step=step, epoch=epoch + 1, epoch_step=0, best=best, last_eval=last_eval, skipped=skipped,
-                         time_to_target=time_to_target, last_logged_step=last_logged_step,
-                         last_grad_norm=None if last_grad_norm is None else float(last_grad_norm),
-                         train_time=train_time, train_images=train_images, elapsed=time.perf_counter() - started,
-                         window=_Window.new(accelerator.device).snapshot(), metrics_lines=run.lines_written)
-            save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
+            checkpoint(epoch + 1, 0, _Window.new(accelerator.device).snapshot())
         if is_last:
             break
     progress.close()
