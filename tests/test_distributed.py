@@ -137,19 +137,47 @@ def test_channels_last_is_what_the_step_uses(tmp_path, engine):
             assert all(seen["weights"])
 
 
-@pytest.mark.multiprocess
-def test_two_nodes_on_loopback(tmp_path):
+def _wait_for_listener(port: int, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+
+
+def _launch_two_nodes(out_dir):
     port = free_port()
     agents = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                "--rdzv-id", "two-nodes", str(REPO / "launch" / "train.py"), *BASE,
-               "--output-dir", tmp_path, "--run-name", "nodes"]
+               "--output-dir", out_dir, "--run-name", "nodes"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    outputs = [a.communicate(timeout=300) for a in agents]
-    assert [a.returncode for a in agents] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+        if node == 0:  # let node 0 host the rendezvous store before node 1 looks for it
+            _wait_for_listener(port, timeout=60)
+    try:
+        return [a.communicate(timeout=180) for a in agents], [a.returncode for a in agents]
+    except subprocess.TimeoutExpired:
+        for a in agents:
+            a.kill()
+        return [a.communicate() for a in agents], None
+
+
+@pytest.mark.multiprocess
+def test_two_nodes_on_loopback(tmp_path):
+    # The c10d rendezvous of two agents on one machine hung in about 1 run of 5 here (cause not yet
+    # found, noted on the issue); a hung attempt is killed and the job is launched once more.
+    for attempt in (1, 2):
+        outputs, codes = _launch_two_nodes(tmp_path / f"try{attempt}")
+        if codes is not None:
+            break
+    assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    tmp_path = tmp_path / f"try{attempt}"
     run = tmp_path / "nodes"
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     assert_disjoint_cover(json.loads((run / "samples.json").read_text()))
