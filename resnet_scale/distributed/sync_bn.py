@@ -20,11 +20,28 @@ from torch import nn
 logger = logging.getLogger("resnet_scale")
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over processes; its backward sums the gradients over processes too."""
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum is the sum of the gradients over processes.
 
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    A plain ``dist.all_reduce`` in both directions (``torch.distributed.nn.functional`` does the
+    same but is deprecated and warns on every call).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor)
 
 
 class CpuSyncBatchNorm(nn.BatchNorm2d):

@@ -402,5 +402,10 @@ def train(cfg: Config) -> dict[str, Any]:
             f"done: final accuracy {summary['final_accuracy']:.2%}, best {summary['best_accuracy']:.2%}, "
             f"{summary['wall_time_s']:.0f}s, {summary['images_per_s']:.0f} img/s -> {run.path}"
         )
+    # Every rank waits here (the GIL released) until the main process has written its files: the
+    # gloo worker threads must drop the tensors of the last collectives while Python is still up.
+    # Exiting straight after gather_object aborted a rank in ~1 run in 10 ("terminate called
+    # without an active exception": a worker thread took the GIL during interpreter shutdown).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
