@@ -7,6 +7,7 @@ Bad input exits with status 2 and one message that says what was wrong and what 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 
@@ -16,13 +17,29 @@ from resnet_scale.config_args import add_config_arguments, config_from_args
 EXIT_BAD_INPUT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that the (sub)command that gets an unknown flag refuses it at once, naming the
+    closest known flag: ``resnet-scale train: error: unrecognized arguments: --bach-size 64 (did you
+    mean --batch-size?); see ...``. So parse_known_args never returns leftovers here."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra:
+            flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+            close = [m for arg in extra if arg.startswith("--")
+                     for m in difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.75)]
+            hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(extra)}{hint}; see {self.prog} --help for the flags")
+        return ns, extra
+
+
 def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(parser)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="resnet-scale",
         description="Train ResNets on CIFAR-10 and data like it; make them fit and go fast.",
     )
@@ -58,6 +75,7 @@ def _run_train(ns: argparse.Namespace) -> int:
     logging.basicConfig(format="resnet-scale: %(message)s", level=logging.WARNING)
     logging.getLogger("resnet_scale").setLevel(logging.INFO)
     from resnet_scale.train.checkpoint import EXIT_PREEMPTED, Preempted
+    from resnet_scale.train.control import EXIT_NONFINITE, NonFiniteError
 
     try:
         cfg = config_from_args(ns).validate()
@@ -68,6 +86,9 @@ def _run_train(ns: argparse.Namespace) -> int:
     except Preempted as stop:
         print(f"resnet-scale train: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except NonFiniteError as err:
+        print(f"resnet-scale train: stopped: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 
@@ -101,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """Entry point of ``launch/train.py``: the flags of ``resnet-scale train`` without the subcommand."""
-    parser = _train_parser(argparse.ArgumentParser(prog="launch/train.py", description="Train a ResNet."))
+    parser = _train_parser(_Parser(prog="launch/train.py", description="Train a ResNet."))
     return _run_train(parser.parse_args(argv))
 
 

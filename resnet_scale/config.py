@@ -218,7 +218,17 @@ class TrainConfig:
         None, "Save a checkpoint (model, optimizer, schedule, RNG, data position) every N optimizer steps "
         "and at each epoch end; SIGTERM/SIGUSR1 always save one before stopping."
     )
+    checkpoint_every_minutes: Optional[float] = _f(
+        None, "Also save a checkpoint when this many minutes have passed since the last one (the main "
+        "process's clock decides, so every rank saves at the same step)."
+    )
     keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints of the run.")
+    max_bad_steps: int = _f(
+        3, "Stop the run (exit 4) after this many optimizer steps in a row with a non-finite loss or "
+        "gradient; each one's update is skipped, and a non-finite model is never saved."
+    )
+    requeue: bool = _f(False, "Under SLURM: after the checkpoint on SIGTERM/SIGUSR1, put the job back in the "
+                              "queue (scontrol requeue $SLURM_JOB_ID); pair it with --resume auto.")
     resume: Optional[str] = _f(
         None, "Continue a run: 'auto' = the newest complete checkpoint of --run-name (a fresh start if "
         "there is none), or a checkpoint folder <run>/checkpoints/step-N."
@@ -313,6 +323,7 @@ class Config:
             ("--eval-every", t.eval_every, 1),
             ("--num-workers", d.num_workers, 0),
             ("--keep-checkpoints", t.keep_checkpoints, 1),
+            ("--max-bad-steps", t.max_bad_steps, 1),
         ):
             if value < low:
                 raise ConfigError(f"{name} {value} must be at least {low}.")
@@ -322,13 +333,15 @@ class Config:
             raise ConfigError(f"--target-accuracy {t.target_accuracy} must be in (0, 1], e.g. 0.85 for 85%.")
         if t.checkpoint_every is not None and t.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every {t.checkpoint_every} must be at least 1 step.")
+        if t.checkpoint_every_minutes is not None and not t.checkpoint_every_minutes > 0:
+            raise ConfigError(f"--checkpoint-every-minutes {t.checkpoint_every_minutes} must be positive, e.g. 30.")
         if t.resume == "auto" and t.run_name is None:
             raise ConfigError("--resume auto continues the run named by --run-name; give --run-name NAME "
                               "(or --resume <run>/checkpoints/step-N).")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"--max-steps {t.max_steps} must be at least 1 (or omit it to use --epochs).")
-        if o.lr <= 0:
-            raise ConfigError(f"--lr {o.lr} must be positive.")
+        if not 0 < o.lr < 3.4e38:  # a float32 weight update overflows beyond that
+            raise ConfigError(f"--lr {o.lr} must be positive and finite (e.g. 0.1).")
         if not 0 <= o.momentum < 1:
             raise ConfigError(f"--momentum {o.momentum} must be in [0, 1).")
         if o.nesterov and o.momentum == 0:

@@ -361,7 +361,7 @@ def _decode_tables(tables: Iterable, image_col: str, label_col: str, source: str
         lab = table.column(label_col)
         if lab.null_count:
             raise DataError(f"{where}: {lab.null_count} rows have no label; {fix}")
-        labels.append(check_labels(np.asarray(lab), NUM_CLASSES[source], where, fix))
+        labels.append(check_labels(np.asarray(lab), NUM_CLASSES[source], where, fix, first_row=row))
         images.append(batch)
         row += len(blobs)
     if row == 0 and not allow_empty:

@@ -3,10 +3,11 @@
 Those files are Python pickles: CIFAR's own distribution format requires unpickling them. A plain
 ``pickle.load`` can run arbitrary code from a tampered file, so we use a RESTRICTED unpickler
 (:class:`_CifarUnpickler`) that resolves only the globals a CIFAR batch needs -- numpy array and
-dtype reconstruction, and ``_codecs.encode`` which Python 3 protocol-2 pickles use for bytes -- and
-refuses every other global (no ``os.system``, no ``builtins.eval``, no arbitrary classes). Plain
-containers (dict, list, bytes, str, int, float, tuple) need no global lookups at all. Object-dtype
-arrays are rejected after loading, so a file cannot smuggle in pickled objects through an array.
+dtype reconstruction, ``_codecs.encode`` which Python 3 protocol-2 pickles use for bytes, and
+``bytes()`` (no argument) which they use for empty bytes -- and refuses every other global (no
+``os.system``, no ``builtins.eval``, no arbitrary classes). Plain containers (dict, list, bytes,
+str, int, float, tuple) need no global lookups at all. Object-dtype arrays are rejected after
+loading, so a file cannot smuggle in pickled objects through an array.
 ``encoding="bytes"`` is what the original Python 2 files need (their dict keys become ``b"data"``).
 """
 
@@ -33,6 +34,10 @@ _REDOWNLOAD = {
 }
 
 
+def _empty_bytes() -> bytes:
+    return b""
+
+
 def _allowed_globals() -> dict[tuple[str, str], object]:
     try:
         from numpy._core import multiarray, numeric
@@ -40,6 +45,9 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         from numpy.core import multiarray, numeric
 
     allowed: dict[tuple[str, str], object] = {("_codecs", "encode"): codecs.encode}
+    # Protocol-2 pickles spell EMPTY bytes as a call of ``bytes()`` (a batch with zero rows holds
+    # one); only the no-argument call is honoured (bytes(N) would allocate N bytes).
+    allowed[("__builtin__", "bytes")] = allowed[("builtins", "bytes")] = _empty_bytes
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x / 2.x spellings
         allowed[(mod, "_reconstruct")] = multiarray._reconstruct
         allowed[(mod, "scalar")] = multiarray.scalar

@@ -117,8 +117,9 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def check_labels(labels: np.ndarray, num_classes: int, where: str, fix: str) -> np.ndarray:
-    """Return labels as int64, or raise DataError naming ``where`` if any lies outside [0, num_classes)."""
+def check_labels(labels: np.ndarray, num_classes: int, where: str, fix: str, first_row: int = 0) -> np.ndarray:
+    """Return labels as int64, or raise DataError naming ``where`` and the row (``first_row`` is the
+    row of ``labels[0]`` in that file) if any lies outside [0, num_classes)."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise DataError(f"{where}: labels must be a 1-D list, got shape {labels.shape}. {fix}")
@@ -130,7 +131,7 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str, fix: str) -> 
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{where}: label {int(labels[first])} at position {first} is outside [0, {num_classes}) "
+                f"{where}: label {int(labels[first])} at position {first_row + first} is outside [0, {num_classes}) "
                 f"({int(bad.sum())} labels out of range). {fix}"
             )
     return labels

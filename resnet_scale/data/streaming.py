@@ -176,14 +176,30 @@ class StreamingLoader:
             flips = flips.to(self.device, non_blocking=True)
             shifts = shifts.to(self.device, non_blocking=True)
         # iter() runs the batch sampler for this epoch (persistent workers are reset, not restarted).
-        for (start, end), (x, y) in zip(self._spans, self._loader, strict=True):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            x = augment_normalise(
-                x,
-                shifts[start:end] if augment and self.crop_padding > 0 else None,
-                flips[start:end] if augment and self.flip else None,
-                crop_padding=self.crop_padding, mean=self._mean, std=self._std,
-                dtype=self.dtype, channels_last=self.channels_last,
-            )
-            yield x, y
+        try:
+            for (start, end), (x, y) in zip(self._spans, self._loader, strict=True):
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                x = augment_normalise(
+                    x,
+                    shifts[start:end] if augment and self.crop_padding > 0 else None,
+                    flips[start:end] if augment and self.flip else None,
+                    crop_padding=self.crop_padding, mean=self._mean, std=self._std,
+                    dtype=self.dtype, channels_last=self.channels_last,
+                )
+                yield x, y
+        except DataError as err:  # e.g. an unreadable image, found by a worker
+            clean = _worker_error(err)
+            if clean is err:
+                raise
+            raise clean from None
+
+
+def _worker_error(err: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker comes back as "Caught DataError in DataLoader worker
+    process N. Original Traceback ..." with the whole traceback in its message; the user gets the
+    original one-line message (which names the file and what to do) instead."""
+    text, marker = str(err), "DataError: "
+    if not text.startswith("Caught DataError") or marker not in text:
+        return err
+    return DataError(text.rsplit(marker, 1)[1].strip())

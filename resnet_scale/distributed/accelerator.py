@@ -30,6 +30,22 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def init_process_group_per_attempt(device: str) -> None:
+    """Under torchrun, start the process group on a store prefix of its own for every restart
+    attempt. The workers of all attempts talk to the agent's one TCPStore; without a prefix a
+    restarted rank can read the address a killed rank of the previous attempt published there and
+    fail to connect ("Gloo connectFullMesh failed ... Connection refused": 3 restarts in 5 here).
+    Accelerate (and DeepSpeed) then use this process group as it is."""
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or world_size_from_env() < 2 or dist.is_initialized():
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                            store=dist.PrefixStore(f"resnet_scale/attempt_{attempt}", store))
+
+
 def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
     """The Accelerator for this run: device, autocast precision, gradient accumulation
     (micro-batches per optimizer step) and the engine (DDP or DeepSpeed ZeRO).
@@ -65,6 +81,7 @@ def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
             )
         kwargs["cpu"] = device == "cpu"
         kwargs["mixed_precision"] = memory.mixed_precision
+    init_process_group_per_attempt(device)
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes != world:
         raise ConfigError(

@@ -214,7 +214,7 @@ def check_tracker(kind: str) -> None:
 
 
 def _build_wandb(run_dir: Path, config: dict, project: str, entity: str | None, group: str | None,
-                 tags: list[str], run_name: str) -> Tracker:
+                 tags: list[str], run_name: str, resume_id: str | None = None) -> Tracker:
     import wandb
     from wandb.sdk.lib.runid import generate_id
 
@@ -226,8 +226,8 @@ def _build_wandb(run_dir: Path, config: dict, project: str, entity: str | None, 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(dir=str(run_dir), config=build_tracker_config(config), project=project, entity=entity,
-                  group=group, tags=list(tags or []) or None, name=run_name, id=generate_id(),
-                  settings=wandb.Settings(quiet=True))
+                  group=group, tags=list(tags or []) or None, name=run_name, id=resume_id or generate_id(),
+                  resume="allow" if resume_id else None, settings=wandb.Settings(quiet=True))
     run = None
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:
@@ -286,13 +286,15 @@ def _build_tensorboard(run_dir: Path, config: dict) -> Tracker:
 
 def build_tracker(kind: str, *, is_main: bool, run_dir: Path, config: dict, project: str,
                   entity: str | None = None, group: str | None = None, tags: list[str] | None = None,
-                  run_name: str) -> Tracker:
+                  run_name: str, resume_id: str | None = None) -> Tracker:
     """The tracker of one run. ``config`` is what ``config.json`` holds (``{"config": sections,
     "environment": ..., ...}``); ``run_dir`` is the run's folder (W&B writes ``<run_dir>/wandb``).
-    Non-main processes get a no-op tracker and create nothing."""
+    Non-main processes get a no-op tracker and create nothing. ``resume_id``: the W&B run id a
+    checkpoint recorded; a resumed run continues that W&B run (offline too: ``wandb sync``
+    uploads both parts into the one run)."""
     check_tracker(kind)
     if kind == "none" or not is_main:
         return NullTracker()
     if kind == "tensorboard":
         return _build_tensorboard(run_dir, config)
-    return _build_wandb(run_dir, config, project, entity, group, tags or [], run_name)
+    return _build_wandb(run_dir, config, project, entity, group, tags or [], run_name, resume_id)

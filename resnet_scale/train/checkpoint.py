@@ -10,8 +10,10 @@ a resumed run continues at the exact next batch with identical metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from resnet_scale.config import ConfigError
+from resnet_scale.config import Config, ConfigError, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 _MARKER = "COMPLETE"
@@ -89,12 +91,89 @@ def resolve_resume(resume: str | None, run_path: Path) -> Path | None:
     return path
 
 
+def _safe_globals() -> list:
+    """Classes a checkpoint of ours may hold besides tensors, numbers, strings and containers:
+    numpy arrays of the RNG states (Accelerate's own allowlist) and DeepSpeed's optimizer-state
+    records. All of them are plain data; none runs code from the file."""
+    allowed: list = []
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        allowed += list(TORCH_SAFE_GLOBALS)
+    except ImportError:  # an Accelerate without the list: numpy RNG states then fail closed
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # no DeepSpeed: its checkpoints cannot be resumed anyway
+        pass
+    return allowed
+
+
+def elastic_train_config(cfg: Config) -> TrainConfig:
+    """Under ``torchrun --max-restarts N`` a restarted group continues the run from its newest
+    checkpoint by itself. Its folder must survive the restart: ``--run-name``, else a name made
+    from torchrun's rendezvous id (``--rdzv-id``, or the uuid of ``--standalone``), which every
+    attempt shares. Attempt 0 is an ordinary start (an existing run folder is still refused)."""
+    t = cfg.train
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1:
+        return t
+    if t.resume not in (None, "auto"):  # --resume PATH: the run it belongs to
+        checkpoint = Path(t.resume).resolve()
+        t = dataclasses.replace(t, output_dir=str(checkpoint.parents[2]), run_name=checkpoint.parents[1].name)
+    if t.run_name is None:
+        from resnet_scale.train.run_dir import default_run_name
+
+        rid = re.sub(r"[^A-Za-z0-9]", "", os.environ.get("TORCHELASTIC_RUN_ID", ""))
+        if not rid or rid == "none":
+            raise ConfigError("torchrun --max-restarts restarts the run in the same folder: give --run-name NAME "
+                              "(or torchrun --rdzv-id ID) so a restarted group finds its checkpoints.")
+        t = dataclasses.replace(t, run_name=default_run_name(cfg, suffix=rid[:12]))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        t = dataclasses.replace(t, resume="auto")
+    return t
+
+
+def verify_checkpoint_files(path: Path) -> None:
+    """Read every file of a checkpoint the safe way before Accelerate or DeepSpeed load it: pickle
+    files (.bin/.pkl/.pt) with torch's ``weights_only`` unpickler (it refuses any global that is
+    not on the allowlist, so a crafted file cannot run code), .safetensors completely. Accelerate
+    unpickles registered objects and DeepSpeed its partitions with ``weights_only=False``; this
+    check is what makes that safe. A truncated or corrupt file is refused here too."""
+    import torch
+    from safetensors.torch import load_file
+
+    allowed = _safe_globals()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        try:
+            if file.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(file, map_location="cpu", weights_only=True)
+            elif file.suffix == ".safetensors":
+                load_file(str(file))
+        except Exception as err:  # noqa: BLE001 - any failure: this file must not be loaded
+            reason = str(err).strip().splitlines()
+            unsafe = "Unsupported global" in str(err) or "weights_only" in str(err).split("\n")[0]
+            detail = next((line.strip() for line in reason if "GLOBAL" in line), reason[0] if reason else "")
+            raise ConfigError(
+                f"checkpoint file {file} is refused: "
+                + ("it holds objects that only a full unpickle could build, which could run code "
+                   f"({detail[:300]}); it was not written by resnet-scale or was altered. "
+                   if unsafe else f"it is truncated or corrupt ({type(err).__name__}: {detail[:300]}). ")
+                + "Nothing was loaded; resume from another checkpoint with --resume PATH."
+            ) from None
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, registered scheduler and RNG states; return the loop state."""
+    verify_checkpoint_files(path)
     try:
         loop_state = json.loads((path / "loop_state.json").read_text())
         accelerator.load_state(str(path))
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the engine raises, say which checkpoint
         raise ConfigError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
                           "resume from an earlier one with --resume PATH.") from None
     return loop_state

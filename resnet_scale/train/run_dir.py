@@ -33,10 +33,29 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def default_run_name(cfg: Config) -> str:
+def default_run_name(cfg: Config, suffix: str | None = None) -> str:
+    """``<arch>-<data>-s<seed>-<suffix>``; the suffix is the start time unless one is given."""
     layers = cfg.model.layers
     arch = f"{cfg.model.block}-{'x'.join(map(str, layers))}" if layers else f"{cfg.model.block}{cfg.model.depth}"
-    return f"{arch}-{cfg.data.source}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{arch}-{cfg.data.source}-s{cfg.train.seed}-{suffix or time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse an ``--output-dir`` no run folder can be made in: it, or else the nearest folder above
+    it that exists, must be a folder this user may write in. Only looks (creates nothing), so the
+    CLI calls it before any data is read; :meth:`RunDir.create` calls it again."""
+    out = Path(output_dir)
+    base = out
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    where = "--output-dir" if base == out else f"--output-dir {out} cannot be created:"
+    if not base.is_dir():
+        kind = "a file" if base.is_file() else "not a folder"
+        raise ConfigError(f"{where} {base} is {kind}, so no run folder can be made in it; nothing was "
+                          f"changed. Choose another --output-dir (or move {base} away).")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} {base} is not writable by this user (permission denied); nothing was "
+                          f"changed. Choose another --output-dir, or make it writable (chmod u+wx {base}).")
 
 
 def git_commit() -> str | None:
@@ -89,12 +108,15 @@ class RunDir:
         self.lines_written = 0  # events in metrics.jsonl (a checkpoint records it)
 
     def create(self) -> "RunDir":
+        check_output_dir(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"--output-dir {self.path.parent}: cannot create it ({err.strerror}).") from None
-        if not os.access(self.path.parent, os.W_OK):
-            raise ConfigError(f"--output-dir {self.path.parent} is not writable; choose another --output-dir.")
+            raise ConfigError(f"--output-dir {self.path.parent}: cannot create it ({err.strerror}); "
+                              "choose another --output-dir.") from None
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a run folder; nothing was changed. "
+                              "Choose another --run-name.")
         if self.path.exists() and any(self.path.iterdir()):
             raise ConfigError(
                 f"run folder {self.path} already holds a run; nothing was changed. "

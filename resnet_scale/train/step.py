@@ -29,6 +29,25 @@ class StepResult:
     count: int  # images in this device's batch
     stepped: bool  # False when fp16 loss scaling skipped the update (inf/nan gradients)
     grad_norm: torch.Tensor | None = None  # total gradient norm before clipping (None under DeepSpeed)
+    finite: bool = True  # False: the gradient norm was not finite and the update was withheld
+
+
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics) as they were before a step, put back
+    when the step's update is withheld: the forward pass of a non-finite step has already folded
+    NaN/inf into the running statistics. One fused copy per step (``_foreach_copy_``)."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [b for b in model.buffers()]
+        self.copies = [b.detach().clone() for b in self.buffers]
+
+    def take(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.copies, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.copies)
 
 
 def split_micro_batches(images: torch.Tensor, labels: torch.Tensor, steps: int):
@@ -49,6 +68,7 @@ def train_step(
     label_smoothing: float = 0.0,
     offload=None,
     max_grad_norm: float | None = None,
+    buffers: BufferSnapshot | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch, then one optimizer step (inside the last
     ``accumulate`` context, where Accelerate lets it through)."""
@@ -61,6 +81,9 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=labels.device)
     grad_norm = None
+    finite = True
+    if buffers is not None:
+        buffers.take()
     for x, y in split_micro_batches(images, labels, accumulation_steps):
         with accelerator.accumulate(model):
             if y.numel():
@@ -74,7 +97,15 @@ def train_step(
                 # The (unscaled, all-reduced) gradient norm; clips only with --max-grad-norm.
                 # DeepSpeed clips itself (gradient_clipping) and keeps its gradients partitioned.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-            optimizer.step()  # a no-op until the last micro-batch (Accelerate checks sync_gradients)
+                if accelerator.scaler is None:
+                    # bf16/fp32: withhold an update from non-finite gradients (fp16's GradScaler
+                    # does that itself). The norm is of all-reduced gradients: every rank agrees.
+                    finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()  # a no-op until the last micro-batch (Accelerate checks sync_gradients)
+            elif buffers is not None:
+                buffers.restore()
             optimizer.zero_grad(set_to_none=True)
-    stepped = not getattr(optimizer, "step_was_skipped", False)
-    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm)
+    stepped = finite and not getattr(optimizer, "step_was_skipped", False)
+    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm,
+                      finite=finite)

@@ -11,13 +11,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from resnet_scale.config import Config, ConfigError
@@ -38,82 +35,16 @@ from resnet_scale.train.optim import build_optimizer, build_scheduler
 from resnet_scale.tracking import build_tracker, check_tracker
 from resnet_scale.train.checkpoint import (
     Preempted,
-    StopFlag,
+    elastic_train_config,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
+from resnet_scale.train.control import LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job
+from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, reduce_sums
 from resnet_scale.train.progress import Progress
-from resnet_scale.train.step import StepResult, train_step
-from resnet_scale.train.run_dir import RunDir, default_run_name, environment_info
-
-
-@dataclass
-class _Window:
-    """Sums over the steps since the last log line, kept on the device (no sync per step)."""
-
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    count: torch.Tensor
-    started: float = 0.0
-
-    @classmethod
-    def new(cls, device: torch.device) -> "_Window":
-        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        return cls(zero(), zero(), zero(), time.perf_counter())
-
-    def snapshot(self) -> dict[str, float]:
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": float(self.count),
-                "elapsed": time.perf_counter() - self.started}
-
-    def restore(self, saved: dict[str, float]) -> None:
-        self.loss_sum.fill_(saved["loss_sum"])
-        self.correct.fill_(saved["correct"])
-        self.count.fill_(saved["count"])
-        self.started = time.perf_counter() - saved["elapsed"]
-
-    def add(self, result: StepResult) -> None:
-        self.loss_sum += result.loss_sum
-        self.correct += result.correct
-        self.count += result.count
-
-
-def _reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
-    """Sum scalars over all ranks (one collective) and return them as Python floats."""
-    stacked = torch.stack([v.double() for v in values])
-    return accelerator.reduce(stacked, reduction="sum").tolist()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Loss and accuracy over the whole test split, each sample counted exactly once over all
-    ranks: the loader shards the split without padding, and per-rank sums are reduced."""
-    model.eval()
-    device = accelerator.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for images, labels in loader:
-        if labels.numel() == 0:  # an empty tail shard on this rank keeps the batch count equal
-            continue
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
-        count += labels.numel()
-    model.train()
-    total_loss, total_correct, total = _reduce_sums(accelerator, loss_sum, correct, count)
-    return {"loss": total_loss / total, "accuracy": total_correct / total, "samples": int(total)}
-
-
-def _broadcast_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """Give every rank rank 0's BatchNorm running statistics. DDP broadcasts buffers before each
-    forward; DeepSpeed does not, so its ranks drift apart. Done before every evaluation and
-    checkpoint, so evaluation uses the statistics that are saved and exported (rank 0's) and a
-    resumed run evaluates exactly as an uninterrupted one."""
-    import torch.distributed as dist
-
-    for buffer in accelerator.unwrap_model(model).buffers():
-        dist.broadcast(buffer, src=0)
+from resnet_scale.train.step import BufferSnapshot, train_step
+from resnet_scale.train.run_dir import RunDir, check_output_dir, default_run_name, environment_info
 
 
 def _build_data(cfg: Config):
@@ -156,6 +87,8 @@ def _set_determinism(cfg: Config) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; returns the summary also written to ``summary.json``."""
     cfg.validate()
+    if cfg.train.resume in (None, "auto"):
+        check_output_dir(cfg.train.output_dir)  # an unwritable --output-dir: refused before any data loads
     tracker_kind = cfg.tracker()
     check_tracker(tracker_kind)  # a missing package stops every rank before any data loads
     device_type = resolve_device(cfg.train.device)
@@ -216,7 +149,9 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)  # save_state/load_state carry the schedule too
     offload = activation_offload(memory, accelerator.device)
 
+    cfg = dataclasses.replace(cfg, train=elastic_train_config(cfg))
     t = cfg.train
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume_from = Path(t.resume) if t.resume not in (None, "auto") else None
     if resume_from is not None:  # <output>/<run>/checkpoints/step-N
         run = RunDir(resume_from.resolve().parents[2], resume_from.resolve().parents[1].name)
@@ -226,6 +161,10 @@ def train(cfg: Config) -> dict[str, Any]:
             broadcast_object_list(name)
         run = RunDir(t.output_dir, name[0])
     resume_from = resolve_resume(t.resume, run.path)
+    if restarted and main:
+        logging.getLogger("resnet_scale").info(
+            f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
+            + (f"resuming from {resume_from}" if resume_from else "no checkpoint yet, starting the run over"))
     saved = {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
              "memory_plan": memory_plan.as_dict() if memory_plan else None,
              "num_parameters": num_parameters, "weighted_layers": weighted_layers}
@@ -233,6 +172,9 @@ def train(cfg: Config) -> dict[str, Any]:
     if main:
         if resume_from:
             run.reopen(metrics_lines=loop["metrics_lines"])
+        elif restarted and (run.path / "config.json").is_file():  # the same run, restarted before a checkpoint
+            run.reopen(metrics_lines=0)
+            run.write_config(cfg, saved)
         else:
             run.create()
             run.write_config(cfg, saved)
@@ -242,7 +184,8 @@ def train(cfg: Config) -> dict[str, Any]:
             "tracking: W&B is not installed, metrics go to the run folder only (pip install 'resnet-scale[wandb]')")
     tracker = build_tracker(tracker_kind, is_main=main, run_dir=run.path, config={"config": cfg.to_dict(), **saved},
                             project=t.wandb_project, entity=t.wandb_entity, group=t.run_group,
-                            tags=list(t.tags or []), run_name=run.path.name)
+                            tags=list(t.tags or []), run_name=run.path.name,
+                            resume_id=loop.get("tracker_run_id"))
 
     progress = Progress(total_steps, enabled=main)
     progress.message(
@@ -261,8 +204,12 @@ def train(cfg: Config) -> dict[str, Any]:
     train_time, train_images = loop.get("train_time", 0.0), loop.get("train_images", 0)
     started = time.perf_counter() - loop.get("elapsed", 0.0)
     start_epoch, done_in_epoch = loop.get("epoch", 0), loop.get("epoch_step", 0)
-    stop = StopFlag().install()
+    control = LoopControl(accelerator, every_steps=t.checkpoint_every, every_minutes=t.checkpoint_every_minutes,
+                          max_bad_steps=t.max_bad_steps, deepspeed=cfg.engine() == "deepspeed",
+                          bad_steps=loop.get("bad_steps", 0))
     sync_buffers = cfg.engine() == "deepspeed" and world > 1
+    # A withheld update also puts BatchNorm's statistics back (DeepSpeed updates inside backward).
+    snapshot = BufferSnapshot(model) if cfg.engine() != "deepspeed" else None
 
     def checkpoint(resume_epoch: int, resume_epoch_step: int, window_state: dict[str, float]) -> Path:
         """Save everything a resumed run needs to continue at batch ``resume_epoch_step`` of
@@ -271,10 +218,14 @@ def train(cfg: Config) -> dict[str, Any]:
                      skipped=skipped, time_to_target=time_to_target, last_logged_step=last_logged_step,
                      last_grad_norm=None if last_grad_norm is None else float(last_grad_norm),
                      train_time=train_time, train_images=train_images, elapsed=time.perf_counter() - started,
-                     window=window_state, metrics_lines=run.lines_written)
+                     window=window_state, metrics_lines=run.lines_written, bad_steps=control.bad_steps,
+                     tracker_run_id=tracker.run_id)
         if sync_buffers:  # the saved statistics are rank 0's: every rank resumes with the same ones
-            _broadcast_buffers(model, accelerator)
-        return save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
+            broadcast_buffers(model, accelerator)
+        check_finite_weights(model, accelerator, f"the checkpoint of step {step}")
+        saved_at = save_checkpoint(accelerator, run.path, step, state, t.keep_checkpoints)
+        control.saved()
+        return saved_at
 
     model.train()
     for epoch in range(start_epoch, epochs):
@@ -282,7 +233,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if cfg.distributed.record_samples:
             epoch_batches = train_loader.epoch_indices()
         epoch_start = time.perf_counter()
-        window = _Window.new(accelerator.device)
+        window = Window.new(accelerator.device)
         skip = done_in_epoch if epoch == start_epoch else 0
         if skip:  # resumed mid-epoch: the window of the interrupted log interval comes back too
             window.restore(loop["window"])
@@ -292,48 +243,54 @@ def train(cfg: Config) -> dict[str, Any]:
             result = train_step(accelerator, model, optimizer, images, labels,
                                 accumulation_steps=memory.accumulation_steps,
                                 label_smoothing=cfg.optim.label_smoothing, offload=offload,
-                                max_grad_norm=cfg.optim.max_grad_norm)
+                                max_grad_norm=cfg.optim.max_grad_norm, buffers=snapshot)
+            step += 1
+            try:
+                decision = control.after_step(step, result)
+            except NonFiniteError:  # too many bad steps: close what is open; nothing non-finite is saved
+                progress.close(), tracker.finish(), run.close(), control.close()
+                raise
             if result.stepped:
                 scheduler.step()  # counts optimizer steps (not passed through prepare: see optim.py)
             else:
-                skipped += 1  # fp16 loss scaling found inf/nan gradients and skipped the update
-            window.add(result)
-            last_grad_norm = result.grad_norm if result.grad_norm is not None else last_grad_norm
+                skipped += 1  # fp16 loss scaling or a non-finite gradient: the update was withheld
+            if not decision.bad:  # a non-finite loss would poison the window's averages
+                window.add(result)
+                last_grad_norm = result.grad_norm if result.grad_norm is not None else last_grad_norm
             if cfg.distributed.record_samples:
                 seen_samples.setdefault(epoch, []).extend(epoch_batches[epoch_step - 1].tolist())
-            step += 1
             at_end = step == total_steps or epoch_step == steps_per_epoch
             if step % cfg.train.log_every == 0 or at_end:
-                loss_sum, correct, count = _reduce_sums(accelerator, window.loss_sum, window.correct, window.count)
-                elapsed = time.perf_counter() - window.started
-                train_time += elapsed
-                train_images += int(count)
-                record = {
-                    "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "split": "train",
-                    "loss": loss_sum / count, "accuracy": correct / count,
-                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": count / elapsed,
-                    "step_time_s": elapsed / (step - last_logged_step), "time_s": time.perf_counter() - started,
-                    "grad_norm": float(last_grad_norm) if last_grad_norm is not None else None,
-                }
-                last_logged_step = step
-                if main:
-                    run.log(record)
-                tracker.log(record, step=step)  # a no-op off the main process
-                progress.update(step, epoch + 1, {"loss": record["loss"], "acc": record["accuracy"],
-                                                  "img/s": record["images_per_s"]}, log_line=True)
-                window = _Window.new(accelerator.device)
+                loss_sum, correct, count = reduce_sums(accelerator, window.loss_sum, window.correct, window.count)
+                if count:  # else every step since the last line was non-finite: nothing to average
+                    elapsed = time.perf_counter() - window.started
+                    train_time += elapsed
+                    train_images += int(count)
+                    record = {
+                        "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "split": "train",
+                        "loss": loss_sum / count, "accuracy": correct / count,
+                        "lr": optimizer.param_groups[0]["lr"], "images_per_s": count / elapsed,
+                        "step_time_s": elapsed / (step - last_logged_step), "time_s": time.perf_counter() - started,
+                        "grad_norm": float(last_grad_norm) if last_grad_norm is not None else None,
+                    }
+                    last_logged_step = step
+                    if main:
+                        run.log(record)
+                    tracker.log(record, step=step)  # a no-op off the main process
+                    progress.update(step, epoch + 1, {"loss": record["loss"], "acc": record["accuracy"],
+                                                      "img/s": record["images_per_s"]}, log_line=True)
+                window = Window.new(accelerator.device)
             else:
                 progress.update(step, epoch + 1, {}, log_line=False)
-            stopping = stop.requested
-            if world > 1:  # every rank stops at the same step
-                stopping = _reduce_sums(accelerator, torch.tensor(float(stopping), device=accelerator.device))[0] > 0
-            if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            if decision.save:
                 saved_at = checkpoint(epoch, epoch_step, window.snapshot())
-                if stopping:
+                if decision.stop:
                     progress.close()
                     tracker.finish()
                     run.close()
-                    stop.restore()
+                    control.close()
+                    if t.requeue and main:
+                        progress.message(requeue_slurm_job())
                     raise Preempted(saved_at)
             if step == total_steps:
                 break
@@ -341,7 +298,7 @@ def train(cfg: Config) -> dict[str, Any]:
         is_last = step == total_steps
         if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
             if sync_buffers:
-                _broadcast_buffers(model, accelerator)
+                broadcast_buffers(model, accelerator)
             last_eval = evaluate(model, test_loader, accelerator)
             best = max(best, last_eval["accuracy"])
             record = {"step": step, "epoch": epoch + 1, "split": "test", "loss": last_eval["loss"],
@@ -359,12 +316,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"epoch {epoch + 1}/{epochs}: test loss {last_eval['loss']:.4f} "
                 f"accuracy {last_eval['accuracy']:.2%} (best {best:.2%}) in {record['epoch_time_s']:.1f}s"
             )
-        if t.checkpoint_every and not is_last:
-            checkpoint(epoch + 1, 0, _Window.new(accelerator.device).snapshot())
+        if (t.checkpoint_every or t.checkpoint_every_minutes) and not is_last:
+            checkpoint(epoch + 1, 0, Window.new(accelerator.device).snapshot())
         if is_last:
             break
     progress.close()
-    stop.restore()
+    control.close()
 
     summary = {
         "final_accuracy": last_eval["accuracy"] if last_eval else None,
@@ -378,6 +335,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "weighted_layers": weighted_layers,
         "steps": step,
         "skipped_steps": skipped,
+        "bad_steps": control.bad_steps,
         "epochs": epochs,
         "memory": memory.as_dict(),
         "world_size": world,
@@ -387,6 +345,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "tracker_run_id": tracker.run_id,
     }
     accelerator.wait_for_everyone()
+    check_finite_weights(model, accelerator, "model.safetensors")
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: gathers the shards
     samples = gather_object([seen_samples]) if cfg.distributed.record_samples else None
     if main:

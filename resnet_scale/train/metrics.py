@@ -1,0 +1,81 @@
+"""What the loop measures: the metric window between log lines, sums over ranks, the test-split
+evaluation, and BatchNorm statistics made equal on every rank before they are used or saved."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from resnet_scale.train.step import StepResult
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line, kept on the device (no sync per step)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+    started: float = 0.0
+
+    @classmethod
+    def new(cls, device: torch.device) -> "Window":
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zero(), zero(), zero(), time.perf_counter())
+
+    def snapshot(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": float(self.count),
+                "elapsed": time.perf_counter() - self.started}
+
+    def restore(self, saved: dict[str, float]) -> None:
+        self.loss_sum.fill_(saved["loss_sum"])
+        self.correct.fill_(saved["correct"])
+        self.count.fill_(saved["count"])
+        self.started = time.perf_counter() - saved["elapsed"]
+
+    def add(self, result: StepResult) -> None:
+        self.loss_sum += result.loss_sum
+        self.correct += result.correct
+        self.count += result.count
+
+
+def reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
+    """Sum scalars over all ranks (one collective) and return them as Python floats."""
+    stacked = torch.stack([v.double() for v in values])
+    return accelerator.reduce(stacked, reduction="sum").tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, accelerator: Accelerator) -> dict[str, float]:
+    """Loss and accuracy over the whole test split, each sample counted exactly once over all
+    ranks: the loader shards the split without padding, and per-rank sums are reduced."""
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for images, labels in loader:
+        if labels.numel() == 0:  # an empty tail shard on this rank keeps the batch count equal
+            continue
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    model.train()
+    total_loss, total_correct, total = reduce_sums(accelerator, loss_sum, correct, count)
+    return {"loss": total_loss / total, "accuracy": total_correct / total, "samples": int(total)}
+
+
+def broadcast_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every rank rank 0's BatchNorm running statistics. DDP broadcasts buffers before each
+    forward; DeepSpeed does not, so its ranks drift apart. Done before every evaluation and
+    checkpoint, so evaluation uses the statistics that are saved and exported (rank 0's) and a
+    resumed run evaluates exactly as an uninterrupted one."""
+    import torch.distributed as dist
+
+    for buffer in accelerator.unwrap_model(model).buffers():
+        dist.broadcast(buffer, src=0)
