@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import sys
 
@@ -89,6 +90,13 @@ def _run_train(ns: argparse.Namespace) -> int:
     except NonFiniteError as err:
         print(f"resnet-scale train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"resnet-scale train: error: {err}. The run's files could not be written: free disk space or "
+              "choose another --output-dir; the newest complete checkpoint is still valid (--resume auto).",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -335,6 +335,11 @@ class Config:
             raise ConfigError(f"--checkpoint-every {t.checkpoint_every} must be at least 1 step.")
         if t.checkpoint_every_minutes is not None and not t.checkpoint_every_minutes > 0:
             raise ConfigError(f"--checkpoint-every-minutes {t.checkpoint_every_minutes} must be positive, e.g. 30.")
+        if t.resume not in (None, "auto") and t.run_name is not None:
+            owner = Path(t.resume).resolve().parent.parent.name  # <output>/<run>/checkpoints/step-N
+            if owner != t.run_name:
+                raise ConfigError(f"--resume {t.resume} is a checkpoint of run {owner!r}, not of --run-name "
+                                  f"{t.run_name!r}; a resumed run continues in its own folder. Drop --run-name.")
         if t.resume == "auto" and t.run_name is None:
             raise ConfigError("--resume auto continues the run named by --run-name; give --run-name NAME "
                               "(or --resume <run>/checkpoints/step-N).")

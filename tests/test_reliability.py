@@ -7,12 +7,13 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from resnet_scale.train.checkpoint import EXIT_PREEMPTED, checkpoint_dirs, latest_checkpoint
+from resnet_scale.train.checkpoint import EXIT_PREEMPTED, checkpoint_dirs, latest_checkpoint, resolve_resume
 from resnet_scale.train.control import EXIT_NONFINITE, NonFiniteError, check_finite_weights
 from resnet_scale.train.run_dir import load_weights
 
@@ -197,3 +198,34 @@ def test_torchrun_max_restarts_resumes_a_killed_worker_from_the_newest_checkpoin
     _assert_same_run(tmp_path / "straight", tmp_path / "killed")
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["steps"] == json.loads((tmp_path / "straight" / "summary.json").read_text())["steps"] == 12
+
+
+def test_resume_path_of_another_run_is_refused(checkpointed_run, tmp_path):
+    ckpt = latest_checkpoint(checkpointed_run / "r")
+    before = _files(checkpointed_run)
+    out = run_cli(*ARGS, "--output-dir", tmp_path, "--run-name", "other", "--resume", ckpt)
+    assert out.returncode == 2 and "is a checkpoint of run 'r', not of --run-name 'other'" in out.stderr
+    assert _files(checkpointed_run) == before and not (tmp_path / "other").exists()
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_as_newest(tmp_path):
+    """SIGKILL lands while save_state writes the second checkpoint (a ResNet-50: ~190 MB of model
+    and momentum to write, so the window is wide); --resume auto then takes the first one."""
+    args = ["--data", "synthetic", "--block", "bottleneck", "--depth", "50", "--image-size", "16",
+            "--synthetic-train-samples", "8", "--synthetic-test-samples", "4", "--batch-size", "2", "--epochs", "5",
+            "--checkpoint-every", "1", "--tracker", "none", "--output-dir", str(tmp_path), "--run-name", "k"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([*TRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                            env=env, start_new_session=True)
+    half = tmp_path / "k" / "checkpoints" / ".tmp-step-000000002"
+    try:
+        deadline = time.monotonic() + 300
+        while not half.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert half.exists(), "the kill did not land during the save"
+    first = tmp_path / "k" / "checkpoints" / "step-000000001"
+    assert latest_checkpoint(tmp_path / "k") == first and (first / "COMPLETE").is_file()
+    assert resolve_resume("auto", tmp_path / "k") == first
