@@ -59,8 +59,9 @@ def test_sigterm_mid_epoch_then_resume_auto_is_exact(tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2"), ("--zero-stage", "3")],
-                         ids=["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2"),
+                                    ("--ds-config", str(REPO / "ds_configs" / "zero3_offload.json"))],
+                         ids=["ddp", "zero2", "zero3-offload"])
 def test_two_rank_sigterm_then_resume_is_exact(tmp_path, engine):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(REPO / "launch" / "train.py")]
