@@ -77,6 +77,7 @@ def _run_train(ns: argparse.Namespace) -> int:
     logging.getLogger("resnet_scale").setLevel(logging.INFO)
     from resnet_scale.train.checkpoint import EXIT_PREEMPTED, Preempted
     from resnet_scale.train.control import EXIT_NONFINITE, NonFiniteError
+    from resnet_scale.train.oom import OutOfMemoryUnrecoverable
 
     try:
         cfg = config_from_args(ns).validate()
@@ -90,6 +91,9 @@ def _run_train(ns: argparse.Namespace) -> int:
     except NonFiniteError as err:
         print(f"resnet-scale train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except OutOfMemoryUnrecoverable as err:
+        print(f"resnet-scale train: stopped: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise

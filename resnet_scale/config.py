@@ -151,6 +151,11 @@ class MemoryConfig:
         False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
     )
     compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator).")
+    oom_recovery: bool = _f(
+        False, "When a step runs out of GPU memory on any rank, every rank redoes it with half the "
+        "micro-batch and twice the accumulation (same global batch). With several processes the gradient "
+        "all-reduce then waits for backward instead of overlapping it."
+    )
     low_memory: bool = _f(
         False, "One switch for a single small GPU: bf16 + channels_last + block checkpointing + a "
         "micro-batch that divides the per-device batch; flags given explicitly win."
@@ -370,6 +375,12 @@ class Config:
                 "--precision fp16 under DeepSpeed would cast BatchNorm to fp16; use --precision bf16 "
                 "(DeepSpeed's torch autocast, BatchNorm kept fp32) or fp32."
             )
+        if self.memory.oom_recovery and self.distributed.sync_bn:
+            raise ConfigError("--oom-recovery cannot be combined with --sync-bn: synchronised BatchNorm talks to "
+                              "the other ranks inside the forward pass, where a rank that ran out of memory is missing.")
+        if self.memory.oom_recovery and self.engine() == "deepspeed":
+            raise ConfigError("--oom-recovery redoes steps itself, DeepSpeed runs its own step; use it with "
+                              "DDP or one process, or plan for the budget with --max-memory instead.")
         if t.run_name is not None:
             from resnet_scale.train.run_dir import check_run_name
 

@@ -50,6 +50,12 @@ class BufferSnapshot:
             torch._foreach_copy_(self.buffers, self.copies)
 
 
+def micro_batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float):
+    """(summed cross-entropy in fp32, logits) of one micro-batch."""
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing), logits
+
+
 def split_micro_batches(images: torch.Tensor, labels: torch.Tensor, steps: int):
     """``steps`` micro-batches of near-equal size; when there are fewer images than steps, the
     empty ones come first so the last (gradient-syncing) micro-batch is never empty."""
@@ -88,8 +94,7 @@ def train_step(
         with accelerator.accumulate(model):
             if y.numel():
                 with offload if offload is not None else contextlib.nullcontext():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
+                    loss, logits = micro_batch_loss(model, x, y, label_smoothing)
                 accelerator.backward(loss * (accumulation_steps / n))
                 loss_sum += loss.detach().double()
                 correct += (logits.detach().argmax(1) == y).sum()

@@ -42,6 +42,7 @@ from resnet_scale.train.checkpoint import (
 )
 from resnet_scale.train.control import LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job
 from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, reduce_sums
+from resnet_scale.train.oom import OutOfMemoryUnrecoverable, guarded_step, next_plan
 from resnet_scale.train.progress import Progress
 from resnet_scale.train.step import BufferSnapshot, train_step
 from resnet_scale.train.run_dir import RunDir, check_output_dir, default_run_name, environment_info
@@ -82,6 +83,28 @@ def _set_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+
+
+def _step_with_recovery(accelerator, model, optimizer, images, labels, step, memory, cfg, offload, snapshot,
+                        events, progress):
+    """``guarded_step`` until it fits: each out-of-memory error (on any rank) halves the
+    micro-batch on every rank. Returns (result, the plan now in use)."""
+    while True:
+        result = guarded_step(accelerator, model, optimizer, images, labels, step=step, memory=memory,
+                              label_smoothing=cfg.optim.label_smoothing, offload=offload,
+                              max_grad_norm=cfg.optim.max_grad_norm, buffers=snapshot)
+        if result is not None:
+            return result, memory
+        smaller = next_plan(memory)
+        if smaller is None:
+            raise OutOfMemoryUnrecoverable(
+                f"step {step} runs out of memory even with a micro-batch of {memory.micro_batch_size} image(s); "
+                "lower --batch-size, add --checkpointing block / --precision bf16, or use more devices.")
+        memory = smaller
+        accelerator.gradient_accumulation_steps = memory.accumulation_steps
+        events.append({"step": step, "micro_batch_size": memory.micro_batch_size,
+                       "accumulation_steps": memory.accumulation_steps})
+        progress.message(f"step {step}: out of memory on a rank; every rank redoes it with {memory.describe()}")
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -200,6 +223,7 @@ def train(cfg: Config) -> dict[str, Any]:
     step, best, last_eval, skipped = loop.get("step", 0), loop.get("best", 0.0), loop.get("last_eval"), loop.get("skipped", 0)
     time_to_target, last_logged_step = loop.get("time_to_target"), loop.get("last_logged_step", 0)
     last_grad_norm = loop.get("last_grad_norm")
+    oom_events: list[dict[str, int]] = []  # plan switches after out-of-memory errors (--oom-recovery)
     seen_samples: dict[int, list[int]] = {}  # epoch -> dataset indices this process trained on
     train_time, train_images = loop.get("train_time", 0.0), loop.get("train_images", 0)
     started = time.perf_counter() - loop.get("elapsed", 0.0)
@@ -240,10 +264,14 @@ def train(cfg: Config) -> dict[str, Any]:
         for epoch_step, (images, labels) in enumerate(train_loader, start=1):
             if epoch_step <= skip:  # the loader is deterministic per (seed, epoch): skip what was trained
                 continue
-            result = train_step(accelerator, model, optimizer, images, labels,
-                                accumulation_steps=memory.accumulation_steps,
-                                label_smoothing=cfg.optim.label_smoothing, offload=offload,
-                                max_grad_norm=cfg.optim.max_grad_norm, buffers=snapshot)
+            if cfg.memory.oom_recovery:
+                result, memory = _step_with_recovery(accelerator, model, optimizer, images, labels, step + 1,
+                                                     memory, cfg, offload, snapshot, oom_events, progress)
+            else:
+                result = train_step(accelerator, model, optimizer, images, labels,
+                                    accumulation_steps=memory.accumulation_steps,
+                                    label_smoothing=cfg.optim.label_smoothing, offload=offload,
+                                    max_grad_norm=cfg.optim.max_grad_norm, buffers=snapshot)
             step += 1
             try:
                 decision = control.after_step(step, result)
@@ -336,6 +364,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "steps": step,
         "skipped_steps": skipped,
         "bad_steps": control.bad_steps,
+        "oom_recoveries": oom_events,
         "epochs": epochs,
         "memory": memory.as_dict(),
         "world_size": world,
@@ -348,6 +377,8 @@ def train(cfg: Config) -> dict[str, Any]:
     check_finite_weights(model, accelerator, "model.safetensors")
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: gathers the shards
     samples = gather_object([seen_samples]) if cfg.distributed.record_samples else None
+    if cfg.memory.oom_recovery:  # evidence that every rank switched plans at the same steps
+        summary["oom_recoveries_per_rank"] = gather_object([oom_events])
     if main:
         run.save_weights(state_dict)
         if samples is not None:

@@ -1,0 +1,136 @@
+"""Out-of-memory recovery: a step that runs out of memory on any rank is redone by every rank with
+half the micro-batch and twice the accumulation (the same global batch), from the same step.
+
+Why a step of its own: under DDP the gradient all-reduce runs *inside* backward, bucket by
+bucket, and a forward broadcasts BatchNorm buffers. A rank that fails half-way leaves the others
+waiting in a collective it will never join. So with ``--oom-recovery`` the step runs the plain
+module (no DDP hooks): buffers are broadcast from rank 0 first, every micro-batch runs
+forward/backward locally, then ONE scalar all-reduce tells every rank whether any rank ran out
+of memory, and only then are the gradients averaged (bucketed all-reduces, the same mean DDP
+computes). Every rank reaches the same collectives in the same order whatever failed. The price,
+with several processes: the gradient all-reduce no longer overlaps backward (single process: free).
+
+``RESNET_SCALE_INJECT_OOM=RANK:STEP[,RANK:STEP]`` raises ``torch.OutOfMemoryError`` once at the start
+of that optimizer step on that rank — how the recovery is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from resnet_scale.memory.settings import MemorySettings
+from resnet_scale.train.step import BufferSnapshot, StepResult, micro_batch_loss, split_micro_batches
+
+_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+class OutOfMemoryUnrecoverable(Exception):
+    """Out of memory with a micro-batch of one image: nothing smaller to try."""
+
+
+_fired: set[str] = set()
+
+
+def _injected(rank: int, step: int) -> bool:
+    """True the first time (only) that RESNET_SCALE_INJECT_OOM names this rank and step."""
+    key = f"{rank}:{step}"
+    spec = {part.strip() for part in os.environ.get("RESNET_SCALE_INJECT_OOM", "").split(",")}
+    if key in spec and key not in _fired:
+        _fired.add(key)
+        return True
+    return False
+
+
+def next_plan(memory: MemorySettings) -> MemorySettings | None:
+    """Half the micro-batch, twice the accumulation: the same images per optimizer step."""
+    micro = memory.micro_batch_size // 2
+    if micro < 1:
+        return None
+    steps = -(-memory.per_device_batch // micro)  # ceil: a last, shorter micro-batch is handled exactly
+    return dataclasses.replace(memory, micro_batch_size=micro, accumulation_steps=steps)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads + [None]:
+        if grad is not None:
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+        if bucket and (grad is None or size >= _BUCKET_BYTES):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(synced)
+            bucket, size = [], 0
+
+
+def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: torch.Tensor,
+                 labels: torch.Tensor, *, step: int, memory: MemorySettings, label_smoothing: float = 0.0,
+                 offload=None, max_grad_norm: float | None = None,
+                 buffers: BufferSnapshot | None = None) -> StepResult | None:
+    """One optimizer step, or None when any rank ran out of memory (then no rank updated anything
+    and the caller retries the same batch with ``next_plan``)."""
+    import torch.distributed as dist
+
+    net = accelerator.unwrap_model(model)
+    world = accelerator.num_processes
+    if world > 1:
+        for buffer in net.buffers():  # what DDP does at the start of each forward
+            dist.broadcast(buffer, src=0)
+    if buffers is not None:
+        buffers.take()
+    n = labels.numel()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    failed = False
+    try:
+        if _injected(accelerator.process_index, step):
+            raise torch.OutOfMemoryError(f"injected out-of-memory error (RESNET_SCALE_INJECT_OOM) at step {step}")
+        steps = memory.accumulation_steps
+        for x, y in split_micro_batches(images, labels, steps):
+            if not y.numel():
+                continue
+            with accelerator.autocast(), offload if offload is not None else contextlib.nullcontext():
+                loss, logits = micro_batch_loss(net, x, y, label_smoothing)
+            # accelerator.backward divides by gradient_accumulation_steps, which equals ``steps``
+            accelerator.backward(loss * (steps / n))
+            loss_sum += loss.detach().double()
+            correct += (logits.detach().argmax(1) == y).sum()
+            del loss, logits
+    except torch.OutOfMemoryError:
+        failed = True
+    flag = torch.tensor([float(failed)], device=accelerator.device)
+    if world > 1:
+        dist.all_reduce(flag)
+    if flag.item() > 0:  # every rank: drop this step's gradients and statistics, free the cache
+        optimizer.zero_grad(set_to_none=True)
+        if buffers is not None:
+            buffers.restore()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+    params = [p for p in net.parameters() if p.requires_grad]
+    if world > 1:
+        _average_gradients(params, world)
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    finite = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    elif buffers is not None:
+        buffers.restore()
+    optimizer.zero_grad(set_to_none=True)
+    stepped = finite and not getattr(optimizer, "step_was_skipped", False)
+    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm,
+                      finite=finite)
