@@ -14,7 +14,7 @@ import torch
 
 from .imageset import DataError, ImageSet  # noqa: F401  (DataError stays importable from here)
 from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re-exported from here)
-    augment_normalise,
+    BatchAugmenter,
     channel_tensor,
     check_loader_args,
     epoch_draws,
@@ -25,7 +25,7 @@ from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re
 )
 
 
-class DeviceLoader:
+class DeviceLoader(BatchAugmenter):
     """Iterate over one split held on ``device``, sharded across ``world_size`` ranks.
 
     ``batch_size`` is the GLOBAL batch (all ranks together); each rank gets ``batch_size //
@@ -124,11 +124,5 @@ class DeviceLoader:
             idx = order[start:end]
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
-            x = augment_normalise(
-                x,
-                shifts[start:end] if augment and self.crop_padding > 0 else None,
-                flips[start:end] if augment and self.flip else None,
-                crop_padding=self.crop_padding, mean=self._mean, std=self._std,
-                dtype=self.dtype, channels_last=self.channels_last,
-            )
+            x = self._augment(x, shifts, flips, start, end, augment)
             yield x, y

@@ -131,3 +131,19 @@ def augment_normalise(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+class BatchAugmenter:
+    """What both loaders do to a batch of one epoch's span ``start:end``: the epoch's crop shifts
+    and flips for those positions, then normalisation (expects ``crop_padding``, ``flip``,
+    ``_mean``, ``_std``, ``dtype`` and ``channels_last`` on the loader)."""
+
+    def _augment(self, x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, start: int, end: int,
+                 augment: bool) -> torch.Tensor:
+        return augment_normalise(
+            x,
+            shifts[start:end] if augment and self.crop_padding > 0 else None,
+            flips[start:end] if augment and self.flip else None,
+            crop_padding=self.crop_padding, mean=self._mean, std=self._std,
+            dtype=self.dtype, channels_last=self.channels_last,
+        )

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .imagefolder import ImageFolderIndex, _load_image
 from .imageset import DataError
-from .sharding import augment_normalise, channel_tensor, check_loader_args, epoch_draws, rank_spans
+from .sharding import BatchAugmenter, channel_tensor, check_loader_args, epoch_draws, rank_spans
 
 
 class FolderDataset(Dataset):
@@ -94,7 +94,7 @@ class RankBatchSampler(Sampler[list[int]]):
         return len(self.spans)
 
 
-class StreamingLoader:
+class StreamingLoader(BatchAugmenter):
     """Iterate over one image-folder split read from disk, sharded across ``world_size`` ranks.
 
     Arguments, rules and batches are those of :class:`~resnet_scale.data.loader.DeviceLoader`
@@ -180,13 +180,7 @@ class StreamingLoader:
             for (start, end), (x, y) in zip(self._spans, self._loader, strict=True):
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
-                x = augment_normalise(
-                    x,
-                    shifts[start:end] if augment and self.crop_padding > 0 else None,
-                    flips[start:end] if augment and self.flip else None,
-                    crop_padding=self.crop_padding, mean=self._mean, std=self._std,
-                    dtype=self.dtype, channels_last=self.channels_last,
-                )
+                x = self._augment(x, shifts, flips, start, end, augment)
                 yield x, y
         except DataError as err:  # e.g. an unreadable image, found by a worker
             clean = _worker_error(err)

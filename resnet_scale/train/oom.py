@@ -25,7 +25,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from resnet_scale.memory.settings import MemorySettings
-from resnet_scale.train.step import BufferSnapshot, StepResult, micro_batch_loss, split_micro_batches
+from resnet_scale.train.step import (
+    BufferSnapshot,
+    StepResult,
+    apply_update,
+    gradients_finite,
+    micro_batch_loss,
+    split_micro_batches,
+    step_result,
+)
 
 _BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
@@ -125,12 +133,6 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
     if world > 1:
         _average_gradients(params, world)
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    finite = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
-    if finite:
-        optimizer.step()
-    elif buffers is not None:
-        buffers.restore()
-    optimizer.zero_grad(set_to_none=True)
-    stepped = finite and not getattr(optimizer, "step_was_skipped", False)
-    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm,
-                      finite=finite)
+    finite = gradients_finite(accelerator, grad_norm)
+    apply_update(optimizer, finite, buffers)
+    return step_result(optimizer, loss_sum, correct, n, grad_norm, finite)

@@ -50,6 +50,27 @@ class BufferSnapshot:
             torch._foreach_copy_(self.buffers, self.copies)
 
 
+def gradients_finite(accelerator: Accelerator, grad_norm: torch.Tensor) -> bool:
+    """bf16/fp32: is the (all-reduced) gradient norm finite? Under fp16 the GradScaler decides."""
+    return accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+
+
+def apply_update(optimizer: torch.optim.Optimizer, finite: bool, buffers: "BufferSnapshot | None") -> None:
+    """The optimizer step, or (non-finite gradients) no update and BatchNorm statistics put back;
+    then clear the gradients."""
+    if finite:
+        optimizer.step()
+    elif buffers is not None:
+        buffers.restore()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_result(optimizer, loss_sum, correct, n, grad_norm, finite: bool) -> StepResult:
+    stepped = finite and not getattr(optimizer, "step_was_skipped", False)
+    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm,
+                      finite=finite)
+
+
 def micro_batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float):
     """(summed cross-entropy in fp32, logits) of one micro-batch."""
     logits = model(x)
@@ -102,15 +123,9 @@ def train_step(
                 # The (unscaled, all-reduced) gradient norm; clips only with --max-grad-norm.
                 # DeepSpeed clips itself (gradient_clipping) and keeps its gradients partitioned.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-                if accelerator.scaler is None:
-                    # bf16/fp32: withhold an update from non-finite gradients (fp16's GradScaler
-                    # does that itself). The norm is of all-reduced gradients: every rank agrees.
-                    finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()  # a no-op until the last micro-batch (Accelerate checks sync_gradients)
-            elif buffers is not None:
-                buffers.restore()
-            optimizer.zero_grad(set_to_none=True)
-    stepped = finite and not getattr(optimizer, "step_was_skipped", False)
-    return StepResult(loss_sum=loss_sum, correct=correct, count=n, stepped=stepped, grad_norm=grad_norm,
-                      finite=finite)
+                # Withhold an update from non-finite gradients; the norm is of all-reduced
+                # gradients, so every rank agrees.
+                finite = gradients_finite(accelerator, grad_norm)
+            # optimizer.step is a no-op until the last micro-batch (Accelerate checks sync_gradients)
+            apply_update(optimizer, finite, buffers)
+    return step_result(optimizer, loss_sum, correct, n, grad_norm, finite)
