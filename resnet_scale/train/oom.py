@@ -64,24 +64,27 @@ def next_plan(memory: MemorySettings) -> MemorySettings | None:
     return dataclasses.replace(memory, micro_batch_size=micro, accumulation_steps=steps)
 
 
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    import torch.distributed as dist
+def _coalesced(tensors: list[torch.Tensor], collective) -> None:
+    """Run ``collective(flat)`` on the tensors flattened into buckets of one dtype and ~25 MB (as
+    DDP does), then copy the results back: a few collectives instead of one per tensor."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for grad in grads + [None]:
-        if grad is not None:
-            bucket.append(grad)
-            size += grad.numel() * grad.element_size()
-        if bucket and (grad is None or size >= _BUCKET_BYTES):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
-            flat.div_(world)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(synced)
-            bucket, size = [], 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for t in group + [None]:
+            if t is not None:
+                bucket.append(t)
+                size += t.numel() * t.element_size()
+            if bucket and (t is None or size >= _BUCKET_BYTES):
+                flat = _flatten_dense_tensors(bucket)
+                collective(flat)
+                for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    dst.copy_(src)
+                bucket, size = [], 0
 
 
 def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: torch.Tensor,
@@ -94,9 +97,8 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
 
     net = accelerator.unwrap_model(model)
     world = accelerator.num_processes
-    if world > 1:
-        for buffer in net.buffers():  # what DDP does at the start of each forward
-            dist.broadcast(buffer, src=0)
+    if world > 1:  # what DDP does at the start of each forward
+        _coalesced(list(net.buffers()), lambda flat: dist.broadcast(flat, src=0))
     if buffers is not None:
         buffers.take()
     n = labels.numel()
@@ -130,8 +132,9 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
             torch.cuda.empty_cache()
         return None
     params = [p for p in net.parameters() if p.requires_grad]
-    if world > 1:
-        _average_gradients(params, world)
+    if world > 1:  # the mean over ranks, as DDP's reducer computes it
+        _coalesced([p.grad for p in params if p.grad is not None],
+                   lambda flat: (dist.all_reduce(flat), flat.div_(world)))
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
     finite = gradients_finite(accelerator, grad_norm)
     apply_update(optimizer, finite, buffers)
