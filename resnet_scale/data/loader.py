@@ -14,9 +14,7 @@ import torch
 
 from .imageset import DataError, ImageSet  # noqa: F401  (DataError stays importable from here)
 from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re-exported from here)
-    BatchAugmenter,
-    channel_tensor,
-    check_loader_args,
+    LoaderBase,
     epoch_draws,
     epoch_seed,
     random_crop,
@@ -25,7 +23,7 @@ from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re
 )
 
 
-class DeviceLoader(BatchAugmenter):
+class DeviceLoader(LoaderBase):
     """Iterate over one split held on ``device``, sharded across ``world_size`` ranks.
 
     ``batch_size`` is the GLOBAL batch (all ranks together); each rank gets ``batch_size //
@@ -71,21 +69,13 @@ class DeviceLoader(BatchAugmenter):
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        n = len(data)
-        check_loader_args(n, batch_size=batch_size, rank=rank, world_size=world_size, train=train,
-                          crop_padding=crop_padding, dtype=dtype)
-        self.device = torch.device(device)
-        self.rank, self.world_size, self.train, self.seed = rank, world_size, train, int(seed)
-        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
-        self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.channels_last, self.dtype = channels_last, dtype
+        self._configure(len(data), data.mean, data.std, batch_size=batch_size, device=device, rank=rank,
+                        world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
+                        channels_last=channels_last, dtype=dtype)
         self.epoch = 0
-        self.num_total = n
         # Moved to the device once, as uint8 (4x smaller than float32).
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
-        self._mean = channel_tensor(data.mean, self.device)
-        self._std = channel_tensor(data.std, self.device)
         self._spans = self._rank_spans()
 
     def _rank_spans(self) -> list[tuple[int, int]]:

@@ -133,10 +133,24 @@ def augment_normalise(
     return x
 
 
-class BatchAugmenter:
-    """What both loaders do to a batch of one epoch's span ``start:end``: the epoch's crop shifts
-    and flips for those positions, then normalisation (expects ``crop_padding``, ``flip``,
-    ``_mean``, ``_std``, ``dtype`` and ``channels_last`` on the loader)."""
+class LoaderBase:
+    """What both loaders (in-memory and streaming) share: their checked settings and what they do
+    to a batch of one epoch's span ``start:end`` (the epoch's crop shifts and flips for those
+    positions, then normalisation)."""
+
+    def _configure(self, n: int, mean, std, *, batch_size: int, device, rank: int, world_size: int,
+                   train: bool, seed: int, crop_padding: int, flip: bool, channels_last: bool,
+                   dtype: torch.dtype) -> None:
+        check_loader_args(n, batch_size=batch_size, rank=rank, world_size=world_size, train=train,
+                          crop_padding=crop_padding, dtype=dtype)
+        self.device = torch.device(device)
+        self.rank, self.world_size, self.train, self.seed = rank, world_size, train, int(seed)
+        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
+        self.crop_padding, self.flip = int(crop_padding), bool(flip)
+        self.channels_last, self.dtype = channels_last, dtype
+        self.num_total = n
+        self._mean = channel_tensor(mean, self.device)
+        self._std = channel_tensor(std, self.device)
 
     def _augment(self, x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, start: int, end: int,
                  augment: bool) -> torch.Tensor:

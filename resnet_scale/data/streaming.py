@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .imagefolder import ImageFolderIndex, _load_image
 from .imageset import DataError
-from .sharding import BatchAugmenter, channel_tensor, check_loader_args, epoch_draws, rank_spans
+from .sharding import LoaderBase, epoch_draws, rank_spans
 
 
 class FolderDataset(Dataset):
@@ -94,7 +94,7 @@ class RankBatchSampler(Sampler[list[int]]):
         return len(self.spans)
 
 
-class StreamingLoader(BatchAugmenter):
+class StreamingLoader(LoaderBase):
     """Iterate over one image-folder split read from disk, sharded across ``world_size`` ranks.
 
     Arguments, rules and batches are those of :class:`~resnet_scale.data.loader.DeviceLoader`
@@ -122,20 +122,13 @@ class StreamingLoader(BatchAugmenter):
         num_workers: int = 2,
     ) -> None:
         n = len(index)
-        check_loader_args(n, batch_size=batch_size, rank=rank, world_size=world_size, train=train,
-                          crop_padding=crop_padding, dtype=dtype)
+        self._configure(n, index.mean, index.std, batch_size=batch_size, device=device, rank=rank,
+                        world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
+                        channels_last=channels_last, dtype=dtype)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise DataError(f"num_workers must be an int >= 0 (0: decode in the training process), "
                             f"got {num_workers!r}")
-        self.device = torch.device(device)
-        self.rank, self.world_size, self.train, self.seed = rank, world_size, train, int(seed)
-        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
-        self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.channels_last, self.dtype = channels_last, dtype
         self.num_workers = num_workers
-        self.num_total = n
-        self._mean = channel_tensor(index.mean, self.device)
-        self._std = channel_tensor(index.std, self.device)
         self.sampler = RankBatchSampler(n, batch_size=batch_size, world_size=world_size, rank=rank,
                                         train=train, seed=self.seed, crop_padding=self.crop_padding)
         self._spans = self.sampler.spans
