@@ -156,7 +156,7 @@ def verify_checkpoint_files(path: Path) -> None:
                 load_file(str(file))
         except Exception as err:  # noqa: BLE001 - any failure: this file must not be loaded
             reason = str(err).strip().splitlines()
-            unsafe = "Unsupported global" in str(err) or "weights_only" in str(err).split("\n")[0]
+            unsafe = "Unsupported global" in str(err) or "weights_only" in (reason[0] if reason else "")
             detail = next((line.strip() for line in reason if "GLOBAL" in line), reason[0] if reason else "")
             raise ConfigError(
                 f"checkpoint file {file} is refused: "

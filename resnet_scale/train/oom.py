@@ -112,7 +112,8 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
         for x, y in split_micro_batches(images, labels, steps):
             if not y.numel():
                 continue
-            with accelerator.autocast(), offload if offload is not None else contextlib.nullcontext():
+            # The unwrapped module keeps Accelerate's autocast forward, as in train_step.
+            with offload if offload is not None else contextlib.nullcontext():
                 loss, logits = micro_batch_loss(net, x, y, label_smoothing)
             # accelerator.backward divides by gradient_accumulation_steps, which equals ``steps``
             accelerator.backward(loss * (steps / n))
