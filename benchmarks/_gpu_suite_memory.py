@@ -160,7 +160,7 @@ def run_zero(cfg: dict, ops, goals: list[Goal], profile) -> dict:
 
 
 def run_planner(cfg: dict, sections: dict, goals: list[Goal], device: str) -> dict:
-    from resnet_scale.memory.planner import estimate_memory
+    from resnet_scale.planner import estimate_memory
 
     rows = []
     for key in ("3", "4"):

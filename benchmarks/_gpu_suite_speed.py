@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from _gpu_suite_report import Goal
 from resnet_scale.config import Config
-from resnet_scale.config_args import add_config_arguments, config_from_args
+from resnet_scale.config import add_config_arguments, config_from_args
 from resnet_scale.data import DeviceLoader, build_datasets
 from resnet_scale.memory.settings import apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet

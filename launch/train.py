@@ -6,7 +6,7 @@
 
 import sys
 
-from resnet_scale.cli import train_main
+from resnet_scale.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

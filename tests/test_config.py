@@ -11,7 +11,7 @@ import pytest
 
 from resnet_scale.cli import build_parser, main
 from resnet_scale.config import Config, ConfigError, load_config_file
-from resnet_scale.config_args import add_config_arguments, config_from_args, config_to_argv, flag_name
+from resnet_scale.config import add_config_arguments, config_from_args, config_to_argv, flag_name
 
 
 def parse(*argv: str) -> Config:

@@ -59,7 +59,7 @@ def _accelerate_parser():
 def _check_train_args(args: list[str], where: str) -> None:
     """train.py's own parser accepts ``args`` and the resulting config validates."""
     from resnet_scale.cli import build_parser
-    from resnet_scale.config_args import config_from_args
+    from resnet_scale.config import config_from_args
 
     try:
         ns = build_parser().parse_args(["train", *args])

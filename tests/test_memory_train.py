@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from resnet_scale.config import Config, ConfigError
-from resnet_scale.config_args import add_config_arguments, config_from_args
+from resnet_scale.config import add_config_arguments, config_from_args
 from resnet_scale.memory import apply_channels_last
 from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet

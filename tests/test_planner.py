@@ -15,8 +15,9 @@ import torch
 
 from resnet_scale.config import Config, ConfigError
 from resnet_scale.memory import count_step_flops, measure_saved_activation_bytes, measure_segment_peak_bytes
-from resnet_scale.memory import planner as P
-from resnet_scale.memory.planner_search import apply_plan, plan_memory
+from resnet_scale.planner import apply_plan, parse_bytes, plan_memory
+from resnet_scale.planner import estimate as P
+from resnet_scale.planner import profile as PR
 from resnet_scale.models import build_resnet
 
 MiB, GiB = 2**20, 2**30
@@ -66,7 +67,7 @@ def test_activation_estimate_matches_a_real_cpu_forward(name, precision, policy)
     torch.manual_seed(0)
     real_model = build_resnet(cfg.model.block, cfg.model.depth, layers=cfg.model.layers, stem=cfg.stem(),
                               num_classes=cfg.data.synthetic_classes)
-    kw = dict(dtype=P._DTYPES[precision], channels_last=False, device="cpu", policy=policy)
+    kw = dict(dtype=PR._DTYPES[precision], channels_last=False, device="cpu", policy=policy)
     real = measure_saved_activation_bytes(real_model, micro, cfg.image_size(), **kw)
     real_peak = measure_segment_peak_bytes(real_model, micro, cfg.image_size(), **kw)
     assert est.activations == pytest.approx(real, rel=0.05)
@@ -79,7 +80,7 @@ def test_meta_bytes_are_linear_in_the_batch_and_flops_match_the_counter():
     """Two probe batches give any other micro-batch exactly (ResNet-50 at 224 px), and the
     hook-counted FLOPs equal FlopCounterMode's (count_step_flops)."""
     key = P.ModelKey("bottleneck", 50, None, "imagenet", 10)
-    model = P._cached_model(key)
+    model = PR._cached_model(key)
     for precision, cl, policy, micro, check_peak in (
         ("fp32", False, "none", 64, False),
         ("fp32", False, "sqrt", 7, False),
@@ -87,12 +88,12 @@ def test_meta_bytes_are_linear_in_the_batch_and_flops_match_the_counter():
         ("bf16", True, "stage", 64, True),
     ):
         acts, peak = P.activation_bytes(key, 224, precision, cl, policy, micro)
-        kw = dict(dtype=P._DTYPES[precision], channels_last=cl, policy=policy)
+        kw = dict(dtype=PR._DTYPES[precision], channels_last=cl, policy=policy)
         assert acts == measure_saved_activation_bytes(model, micro, 224, **kw)
         if check_peak:
             assert peak == measure_segment_peak_bytes(model, micro, 224, **kw)
     key18 = P.ModelKey("basic", 18, None, "imagenet", 10)
-    facts, model18 = P.model_facts(key18, 64), P._cached_model(key18)
+    facts, model18 = P.model_facts(key18, 64), PR._cached_model(key18)
     plain, ckpt = count_step_flops(model18, 2, 64), count_step_flops(model18, 2, 64, policy="sqrt")
     assert plain == {"forward": 2 * facts.forward_flops_per_image, "backward": 2 * facts.backward_flops_per_image}
     assert ckpt["backward"] - plain["backward"] == 2 * facts.block_forward_flops_per_image
@@ -224,7 +225,7 @@ def test_apply_plan_equals_the_printed_flags():
     flags resolves to the same settings as apply_plan, and its estimate is the plan's."""
     import argparse
 
-    from resnet_scale.config_args import add_config_arguments, config_from_args
+    from resnet_scale.config import add_config_arguments, config_from_args
 
     argv = ["--block", "bottleneck", "--depth", "50", "--image-size", "224", "--batch-size", "256", "--data", "synthetic"]
     parser = argparse.ArgumentParser()
@@ -242,7 +243,7 @@ def test_apply_plan_equals_the_printed_flags():
 
 
 def test_planning_resnet152_takes_seconds():
-    for cached in (P._profiles, P._cached_model, P.model_facts, P._policy_bytes):
+    for cached in (PR._profiles, PR._cached_model, P.model_facts, PR._policy_bytes):
         cached.cache_clear()
     started = time.perf_counter()
     plan = plan_memory(config(depth=152), 8 * GiB)
@@ -258,27 +259,27 @@ def test_planning_resnet152_takes_seconds():
     ("123456", 123456), ("2tib", 2 * 2**40), (None, None), ("none", None),
 ])
 def test_parse_bytes(text, expected):
-    assert P.parse_bytes(text) == expected
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text, fragment", [("8G", "ambiguous"), ("lots", "not a size"), ("-1GiB", "not a size"),
                                             ("0", "positive")])
 def test_parse_bytes_refuses_with_the_fix(text, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        P.parse_bytes(text)
+        parse_bytes(text)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_parse_bytes_auto_needs_a_gpu():
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        P.parse_bytes("auto")
+        parse_bytes("auto")
 
 
 ARGV = ["--block", "bottleneck", "--depth", "50", "--image-size", "224", "--batch-size", "256", "--data", "synthetic"]
 
 
 def run_cli(capsys, *argv):
-    from resnet_scale.plan_cli import plan_main
+    from resnet_scale.cli.plan import main as plan_main
 
     code = plan_main(list(argv))
     out, err = capsys.readouterr()
@@ -323,7 +324,7 @@ def test_cli_bad_input_exits_2(capsys, extra, fragment):
 
 def test_plan_for_training_applies_the_plan_or_refuses_with_the_smallest():
     """What ``train --max-memory`` runs before building anything."""
-    from resnet_scale.memory.planner_search import plan_for_training
+    from resnet_scale.planner import plan_for_training
 
     cfg = config()
     planned, plan = plan_for_training(cfg, world_size=1, device_type="cuda", budget_bytes=8 * GiB)
@@ -334,9 +335,7 @@ def test_plan_for_training_applies_the_plan_or_refuses_with_the_smallest():
 
 
 def test_resnet_scale_plan_subcommand(capsys):
-    from resnet_scale.cli import build_parser, main
+    from resnet_scale.cli import main
 
-    if "plan" not in build_parser()._subparsers._group_actions[0].choices:
-        pytest.skip("resnet-scale plan is not registered in cli.py yet")
     assert main(["plan", *ARGV, "--max-memory", "100MiB"]) == 3
     assert "nothing fits" in capsys.readouterr().out

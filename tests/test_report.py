@@ -164,7 +164,7 @@ def test_group_by_dotted_resolved_and_single_group(runs_root, tmp_path):
 
 
 def test_bad_input_names_the_folder(runs_root, tmp_path, capsys):
-    from resnet_scale.report_cli import main
+    from resnet_scale.cli.report import main
 
     stray = tmp_path / "not-a-run"
     stray.mkdir()
@@ -187,7 +187,7 @@ def test_bad_input_names_the_folder(runs_root, tmp_path, capsys):
 
 
 def test_cli_report_and_offline_wandb_report_explains_instead_of_failing(runs_root, tmp_path, capsys, monkeypatch):
-    from resnet_scale.report_cli import main
+    from resnet_scale.cli.report import main
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -275,7 +275,7 @@ def test_digits_recipe_runs_end_to_end_offline(recipe, groups, tmp_path):
     """The digits form of each recipe, shrunk (one seed, one epoch, 3-block model at 8 px): ~25 s."""
     out = _recipe(recipe, tmp_path, DATA="digits", EPOCHS="1", SEEDS="0", TRACKER="none", OMP_NUM_THREADS="1",
                   EXTRA="--layers 1,1,1 --image-size 8 --batch-size 128 --device cpu",
-                  REPORT_CMD=f"{sys.executable} -m resnet_scale.report_cli",
+                  REPORT_CMD=f"{sys.executable} -m resnet_scale.cli.report",
                   TRAIN_CMD=f"{sys.executable} -m resnet_scale train", PYTHONPATH=str(REPO))
     assert out.returncode == 0, out.stderr[-3000:]
     short = recipe.split("_")[-1].removesuffix(".sh")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from resnet_scale.config import NATIVE_IMAGE_SIZE, SOURCES
+
 from .imageset import DataError, ImageSet, channel_stats, log, make_split
 
-SOURCES = ("cifar10", "cifar100", "digits", "synthetic", "imagefolder")
-_NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 16, "synthetic": 32, "imagefolder": None}
 # The digits test split is fixed (this seed, whatever the run's seed) so every run scores the same images.
 _DIGITS_SPLIT_SEED = 0
 _DIGITS_TEST_FRACTION = 0.2
@@ -30,7 +30,7 @@ def _check_source(source: str) -> None:
 def native_image_size(source: str) -> int | None:
     """The size images of ``source`` have unless ``image_size`` asks otherwise (None: no native size)."""
     _check_source(source)
-    return _NATIVE_SIZE[source]
+    return NATIVE_IMAGE_SIZE[source]
 
 
 def build_datasets(

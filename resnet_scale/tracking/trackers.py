@@ -104,7 +104,7 @@ def build_tracker_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         out[f"{key}_resolved" if key in out else key] = value
     if "environment" not in out:
-        from resnet_scale.train.run_dir import environment_info
+        from resnet_scale.tracking.environment import environment_info
 
         out["environment"] = environment_info()
     secrets = tuple(v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8)

@@ -125,7 +125,7 @@ def elastic_train_config(cfg: Config) -> TrainConfig:
         checkpoint = Path(t.resume).resolve()
         t = dataclasses.replace(t, output_dir=str(checkpoint.parents[2]), run_name=checkpoint.parents[1].name)
     if t.run_name is None:
-        from resnet_scale.train.run_dir import default_run_name
+        from resnet_scale.config import default_run_name
 
         rid = re.sub(r"[^A-Za-z0-9]", "", os.environ.get("TORCHELASTIC_RUN_ID", ""))
         if not rid or rid == "none":

@@ -9,35 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resnet_scale.config import Config, ConfigError
-
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")
-
-
-def check_run_name(name: str) -> str:
-    """A run name is one path component: it cannot escape ``--output-dir``."""
-    if not _RUN_NAME.match(name) or name in (".", ".."):
-        raise ConfigError(
-            f"--run-name {name!r} is not allowed: use 1-128 letters, digits and . _ + = - "
-            "(no slashes, no leading dot), so the run stays inside --output-dir."
-        )
-    return name
-
-
-def default_run_name(cfg: Config, suffix: str | None = None) -> str:
-    """``<arch>-<data>-s<seed>-<suffix>``; the suffix is the start time unless one is given."""
-    layers = cfg.model.layers
-    arch = f"{cfg.model.block}-{'x'.join(map(str, layers))}" if layers else f"{cfg.model.block}{cfg.model.depth}"
-    return f"{arch}-{cfg.data.source}-s{cfg.train.seed}-{suffix or time.strftime('%Y%m%d-%H%M%S')}"
+from resnet_scale.config import Config, ConfigError, check_run_name
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -56,40 +33,6 @@ def check_output_dir(output_dir: str | Path) -> None:
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(f"{where} {base} is not writable by this user (permission denied); nothing was "
                           f"changed. Choose another --output-dir, or make it writable (chmod u+wx {base}).")
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from, when there is one."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment_info() -> dict[str, Any]:
-    """Versions and hardware, saved with the config so runs can be compared honestly."""
-    import accelerate
-    import torchvision
-
-    import resnet_scale
-
-    info: dict[str, Any] = {
-        "resnet_scale": resnet_scale.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cuda": torch.version.cuda,
-        "git_commit": git_commit(),
-    }
-    return info
 
 
 def _atomic_write(path: Path, text: str) -> None:

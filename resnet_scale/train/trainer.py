@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from resnet_scale.config import Config, ConfigError
+from resnet_scale.config import Config, ConfigError, default_run_name
 from resnet_scale.data import (
     DeviceLoader,
     ImageSet,
@@ -28,7 +28,7 @@ from resnet_scale.data import (
 )
 from resnet_scale.distributed.accelerator import build_accelerator, resolve_device, world_size_from_env
 from resnet_scale.distributed.sync_bn import apply_sync_batchnorm
-from resnet_scale.memory.planner_search import plan_for_training
+from resnet_scale.planner import plan_for_training
 from resnet_scale.memory.settings import activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
 from resnet_scale.train.optim import build_optimizer, build_scheduler
@@ -45,7 +45,8 @@ from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, redu
 from resnet_scale.train.oom import OutOfMemoryUnrecoverable, guarded_step, next_plan
 from resnet_scale.train.progress import Progress
 from resnet_scale.train.step import BufferSnapshot, train_step
-from resnet_scale.train.run_dir import RunDir, check_output_dir, default_run_name, environment_info
+from resnet_scale.train.run_dir import RunDir, check_output_dir
+from resnet_scale.tracking.environment import environment_info
 
 
 def _build_data(cfg: Config):

@@ -11,7 +11,7 @@ import sys
 import torch
 
 import resnet_scale.train.trainer as trainer
-from resnet_scale.config_args import add_config_arguments, config_from_args
+from resnet_scale.config import add_config_arguments, config_from_args
 
 
 def main() -> None:

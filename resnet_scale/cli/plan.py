@@ -17,33 +17,26 @@ work is printed).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
-from resnet_scale.config import Config, ConfigError, MemoryConfig
-from resnet_scale.config_args import add_config_arguments, config_from_args
+from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
+from resnet_scale.config import Config, ConfigError, add_config_arguments, config_from_args
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NOTHING_FITS = 0, 2, 3
+EXIT_OK, EXIT_NOTHING_FITS = 0, 3
+
+NAME = "plan"
+HELP = "predict peak GPU memory and find the fastest settings that fit --max-memory"
+DESCRIPTION = ("Predict peak memory per device for the given training flags and print the fastest "
+               "plan that fits --max-memory, as the exact flags to add. Exit status: 0 fits or a plan was found, "
+               "2 bad input, 3 nothing fits.")
 
 
-def _config_has_max_memory() -> bool:
-    """True once ``MemoryConfig.max_memory`` exists: its generated ``--max-memory`` flag is then
-    the one ``plan`` reads (a second flag of the same name would clash)."""
-    return any(f.name == "max_memory" for f in dataclasses.fields(MemoryConfig))
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training config flags, plus ``--max-memory SIZE`` (required), ``--world-size N`` and
-    ``--json``."""
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training config flags (``--max-memory SIZE`` among them, required here), plus
+    ``--world-size N`` and ``--json``."""
     add_config_arguments(parser)
-    group = parser.add_argument_group("plan", "The memory budget and the devices to plan for.")
-    if not _config_has_max_memory():
-        group.add_argument(
-            "--max-memory", metavar="SIZE", default=None,
-            help="Memory budget per device: 8GiB (2^30 bytes), 8GB (10^9), 512MiB, or auto (the GPU's free "
-                 "memory). Required.",
-        )
+    group = parser.add_argument_group("plan", "The devices to plan for.")
     group.add_argument("--world-size", type=int, default=1, metavar="N",
                        help="Devices (processes) the global --batch-size is split over (default: 1).")
     group.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
@@ -60,7 +53,7 @@ def _device_type(cfg: Config) -> str:
 
 
 def _header(cfg: Config, world: int, device_type: str, budget: int) -> str:
-    from resnet_scale.memory.planner import format_bytes
+    from resnet_scale.planner import format_bytes
 
     from resnet_scale.models import count_weighted_layers
 
@@ -73,11 +66,11 @@ def _header(cfg: Config, world: int, device_type: str, budget: int) -> str:
     )
 
 
-def run_plan(ns: argparse.Namespace) -> int:
+def run(ns: argparse.Namespace) -> int:
     """Print the breakdown and the plan; return the exit status (module docstring)."""
     from resnet_scale.data import DataError
-    from resnet_scale.memory.planner import format_bytes, parse_bytes
-    from resnet_scale.memory.planner_search import plan_memory
+    from resnet_scale.planner import format_bytes, parse_bytes
+    from resnet_scale.planner import plan_memory
 
     try:
         cfg = config_from_args(ns).validate()
@@ -152,11 +145,10 @@ def _round_up_gib(n: int) -> str:
     return f"{tenths / 10:.1f}GiB"
 
 
-def plan_main(argv: list[str] | None = None) -> int:
-    """``resnet-scale plan`` without the subcommand (for tests and ``python -m``)."""
-    parser = add_plan_arguments(argparse.ArgumentParser(prog="resnet-scale plan", description=__doc__.split("\n\n")[0]))
-    return run_plan(parser.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """``resnet-scale plan`` without the subcommand word (``python -m resnet_scale.cli.plan``)."""
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    sys.exit(plan_main())
+    sys.exit(main())

@@ -12,12 +12,15 @@ import argparse
 import logging
 import sys
 
+from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
 from resnet_scale.tracking.report import DEFAULT_TITLE
 
-EXIT_BAD_INPUT = 2
+NAME = "report"
+HELP = "compare run folders: plots and mean +- std tables (report.html, report.md)"
+DESCRIPTION = "Build a comparison report from local run folders (or output folders holding runs)."
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="Run folders, or output folders whose run sub-folders are all compared.")
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -51,7 +54,7 @@ def _publish(ns: argparse.Namespace) -> None:
         print(f"resnet-scale report: W&B report not published: {err}", file=sys.stderr)
 
 
-def run_report(ns: argparse.Namespace) -> int:
+def run(ns: argparse.Namespace) -> int:
     from resnet_scale.tracking.runs import ReportError
 
     logging.basicConfig(format="resnet-scale: %(message)s", level=logging.WARNING)
@@ -71,10 +74,8 @@ def run_report(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m resnet_scale.report_cli`` (the same as ``resnet-scale report`` once wired)."""
-    parser = add_report_arguments(argparse.ArgumentParser(prog="resnet-scale report",
-                                                          description=__doc__.splitlines()[0]))
-    return run_report(parser.parse_args(argv))
+    """``resnet-scale report`` without the subcommand word (``python -m resnet_scale.cli.report``)."""
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """One typed config: nested dataclasses, one docstring (``help``) per field.
 
-The command line is generated from these fields (``config_args.py``), the whole resolved config
+The command line is generated from these fields (``args.py``), the whole resolved config
 is saved with every run (``config.json``) and sent to the trackers. No globals, no ``exec``
-(DESIGN.md rule 4, after torchtitan's ``job_config.py``).
+(after torchtitan's ``job_config.py``).
 
 Flag names are the field names with dashes (``zero_init_residual`` -> ``--zero-init-residual``),
 unique across sections; a field may name its flag explicitly with ``metadata["flag"]``.
@@ -17,19 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from resnet_scale.config.errors import ConfigError
+from resnet_scale.config.values import coerce_value
+
 BLOCKS = ("plain", "basic", "bottleneck")
 STEMS = ("auto", "cifar", "imagenet")
 SOURCES = ("cifar10", "cifar100", "digits", "synthetic", "imagefolder")
+#: The side images of each source have unless ``--image-size`` asks otherwise (None: no native size).
+NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 16, "synthetic": 32, "imagefolder": None}
 SCHEDULES = ("cosine", "onecycle", "constant")
 AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Sources whose images are not mirror-symmetric: horizontal flips would change their meaning.
 _NO_FLIP_SOURCES = ("digits",)
-
-
-class ConfigError(ValueError):
-    """A setting, or a combination of settings, that cannot work. The message says what to change."""
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -259,9 +260,7 @@ class Config:
         """The image side actually trained on."""
         if self.data.image_size is not None:
             return self.data.image_size
-        from resnet_scale.data import native_image_size
-
-        size = native_image_size(self.data.source)
+        size = NATIVE_IMAGE_SIZE[self.data.source]
         if size is None:
             raise ConfigError(f"--data {self.data.source} has no native image size; give --image-size N.")
         return size
@@ -297,8 +296,8 @@ class Config:
         return "deepspeed" if (d.zero_stage or d.offload not in (None, "none") or d.ds_config) else "ddp"
 
     def validate(self) -> "Config":
-        """Refuse settings that cannot work, with the numbers and what to change (rule 6)."""
-        from resnet_scale.config_checks import check_config
+        """Refuse settings that cannot work, with the numbers and what to change."""
+        from resnet_scale.config.checks import check_config
 
         check_config(self)
         return self
@@ -315,8 +314,6 @@ class Config:
         Unknown sections or keys are errors that list the valid ones. Keys that are not config
         sections (``versions``, ``git_commit`` ... saved beside it in config.json) are ignored.
         """
-        from resnet_scale.config_args import coerce_value
-
         cfg = copy.deepcopy(base) if base is not None else cls()
         sections = {s.name for s in dataclasses.fields(cls)}
         for section, values in raw.items():

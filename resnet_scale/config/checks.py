@@ -1,15 +1,16 @@
 """``Config.validate``: every refusal of settings that cannot work, with the numbers and what to
-change (DESIGN.md rule 6), kept out of config.py so the declarations stay readable."""
+change, kept out of schema.py so the declarations stay readable."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resnet_scale.config import ConfigError
+from resnet_scale.config.names import check_run_name
+from resnet_scale.config.errors import ConfigError
 
 if TYPE_CHECKING:
-    from resnet_scale.config import Config
+    from resnet_scale.config.schema import Config
 
 
 def check_config(cfg: Config) -> None:
@@ -98,6 +99,4 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--oom-recovery redoes steps itself, DeepSpeed runs its own step; use it with "
                           "DDP or one process, or plan for the budget with --max-memory instead.")
     if t.run_name is not None:
-        from resnet_scale.train.run_dir import check_run_name
-
         check_run_name(t.run_name)

@@ -42,16 +42,16 @@ from typing import Optional
 import torch
 
 from resnet_scale.config import Config, ConfigError
-from resnet_scale.memory.planner import (
+from resnet_scale.planner.estimate import (
     BN_NOISY_MICRO_BATCH,
     WORKSPACE_STATUS,
     Candidate,
     MemoryEstimate,
     PlanContext,
     estimate_candidate,
-    format_bytes,
     given_candidate,
 )
+from resnet_scale.planner.units import format_bytes, parse_bytes
 
 __all__ = ["Plan", "apply_plan", "plan_for_training", "plan_memory", "predicted_step_seconds"]
 
@@ -213,8 +213,7 @@ def _changes(c: Candidate, given: Candidate) -> int:
 
 def _flags(c: Candidate, given: Candidate) -> list[str]:
     """The flags that turn ``given`` into ``c`` (names from the config fields)."""
-    from resnet_scale.config import DistributedConfig, MemoryConfig
-    from resnet_scale.config_args import flag_name
+    from resnet_scale.config import DistributedConfig, MemoryConfig, flag_name
 
     def flag(cls, name: str) -> str:
         return flag_name(next(f for f in dataclasses.fields(cls) if f.name == name))
@@ -340,8 +339,6 @@ def plan_for_training(cfg: Config, *, world_size: int, device_type: str,
     ``(cfg, None)`` when no budget is set. Raises ConfigError, with the smallest memory that would
     work, when nothing fits. Deterministic: every rank given the same inputs gets the same plan."""
     import logging
-
-    from resnet_scale.memory.planner import parse_bytes
 
     text = getattr(cfg.memory, "max_memory", None)
     budget = budget_bytes if budget_bytes is not None else parse_bytes(text)

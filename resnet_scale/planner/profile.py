@@ -8,7 +8,7 @@ Both come from one training-mode forward of the un-checkpointed model on the ``m
 probe batch size (``measure.py``'s machinery: no compute, no memory), with the saved storages
 attributed to the residual block that saved them (:class:`_Profile`) and the FLOPs counted by
 forward hooks on the conv/linear layers. Saved bytes are linear in the batch, so the two probe
-batches give every other batch size exactly. ``planner.py`` turns these into the estimate.
+batches give every other batch size exactly. ``estimate.py`` turns these into the estimate.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Predict the peak GPU memory of a training run before launching it (``estimate_memory``).
 
 ``estimate_memory(cfg, world_size=, device_type=)`` returns a :class:`MemoryEstimate`: bytes per
-device, by what holds them. ``plan_memory`` (``planner_search.py``) searches the memory settings
-for the fastest plan that fits a budget; ``parse_bytes`` reads ``--max-memory``.
+device, by what holds them. ``plan_memory`` (``search.py``) searches the memory settings
+for the fastest plan that fits a budget; ``parse_bytes`` (``units.py``) reads ``--max-memory``.
 
 What each line counts (per device, at the peak of a step: early in the backward pass, when every
 saved activation is still alive and gradients are being written):
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -47,37 +46,8 @@ from typing import Optional
 import torch
 
 from resnet_scale.config import Config, ConfigError
-
-# The activation profiling lives in profile.py; its names stay importable from here. The private
-# ones are re-exported for tests/test_planner.py (it checks them and clears their caches).
-from resnet_scale.memory.profile import (  # noqa: F401
-    _DTYPES,
-    ModelFacts,
-    ModelKey,
-    _cached_model,
-    _policy_bytes,
-    _profiles,
-    activation_bytes,
-    meta_model,
-    model_facts,
-)
-
-__all__ = [
-    "MemoryEstimate",
-    "Plan",
-    "apply_plan",
-    "plan_for_training",
-    "plan_memory",
-    "StateRecipe",
-    "WORKSPACE_FRACTION",
-    "WORKSPACE_MIN_BYTES",
-    "estimate_memory",
-    "format_bytes",
-    "model_state_bytes",
-    "parse_bytes",
-]
-
-MiB, GiB = 2**20, 2**30
+from resnet_scale.planner.profile import ModelFacts, ModelKey, activation_bytes, model_facts
+from resnet_scale.planner.units import GiB, MiB, format_bytes
 
 #: Workspace allowance = max(WORKSPACE_MIN_BYTES, WORKSPACE_FRACTION x everything else): cuDNN
 #: convolution workspaces, the caching allocator's 512 B / 2 MiB rounding and fragmentation.
@@ -92,61 +62,6 @@ BN_NOISY_MICRO_BATCH = 16
 #: Sizes of the sources' splits (train, test), for the device-resident dataset.
 _SPLIT_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "digits": (1_437, 360)}
 _CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
-
-
-# ----------------------------------------------------------------------------- --max-memory
-
-_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_bytes(text: Optional[str]) -> Optional[int]:
-    """``"8GiB"`` -> 8 x 2**30, ``"8GB"`` -> 8 x 10**9, ``"512MiB"``, ``"1.5 GiB"``, ``"123456"``
-    (bytes); ``"auto"`` -> the free memory of the current CUDA device (``torch.cuda.mem_get_info``);
-    None or ``"none"`` -> None. Raises ConfigError (a ValueError) saying what is accepted."""
-    if text is None:
-        return None
-    raw = str(text).strip()
-    low = raw.lower()
-    if low in ("", "none"):
-        return None
-    if low == "auto":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "--max-memory auto reads the free memory of the CUDA device, but no CUDA GPU is "
-                "visible; give a size such as 8GiB."
-            )
-        free, _total = torch.cuda.mem_get_info()
-        return int(free)
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", low)
-    unit = m.group(2) if m else None
-    if m is None or unit not in _UNITS and unit != "":
-        hint = ""
-        if unit in ("k", "m", "g", "t"):
-            u, v = unit.upper(), m.group(1)
-            hint = f" ('{u}' is ambiguous: write {v}{u}iB for 2^n or {v}{u}B for 10^n)"
-        raise ConfigError(
-            f"--max-memory {raw!r} is not a size{hint}; write e.g. 8GiB, 8GB, 512MiB, a number of "
-            "bytes, or auto (the GPU's free memory)."
-        )
-    value = float(m.group(1)) * _UNITS[unit or "b"]
-    if value < 1:
-        raise ConfigError(f"--max-memory {raw!r} must be a positive size, e.g. 8GiB.")
-    return int(value)
-
-
-def format_bytes(n: Optional[float]) -> str:
-    """Binary units, 3 significant figures: 8.00 GiB, 97.5 MiB, 512 B."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
-        if abs(n) >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}" if v >= 10 else f"{v:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 # ----------------------------------------------------------------------------- model states
@@ -476,15 +391,3 @@ def estimate_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cud
     if cfg.memory.compile:
         est.notes.append("--compile: the activations are those of eager mode; torch.compile may save fewer")
     return est
-
-
-
-
-def __getattr__(name: str):
-    """``plan_memory``, ``apply_plan`` and ``Plan`` live in planner_search.py (the search); they
-    are importable from here too, lazily (planner_search imports this module)."""
-    if name in ("plan_memory", "apply_plan", "plan_for_training", "Plan", "predicted_step_seconds"):
-        from resnet_scale.memory import planner_search
-
-        return getattr(planner_search, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
