@@ -18,9 +18,8 @@ from _gpu_suite_speed import build_engine, make_cfg, model_flags, time_steps
 
 HERE = Path(__file__).resolve().parent
 DEEPSPEED_HINT = (
-    "deepspeed is not installed. Offline, from the project's wheels (see shared/wheels/README.md): "
-    "copy shared/wheels to .whl/, then `python3 -m pip install -q --no-index --no-deps --no-compile "
-    "--target .site .whl/*.whl && export PYTHONPATH=$PWD/.site`, and run the suite again.")
+    "deepspeed is not installed: pip install -e \".[deepspeed]\" (offline, from a folder of wheels: "
+    "pip install --no-index --find-links DIR deepspeed transformers), and run the suite again.")
 
 
 def _memory_module():

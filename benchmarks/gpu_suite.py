@@ -1,4 +1,4 @@
-"""GPU benchmark suite: resnet_scale's speed and memory claims, measured on one GPU (issue 8).
+"""GPU benchmark suite: resnet_scale's speed and memory claims, measured on one GPU.
 
     python benchmarks/gpu_suite.py [--out docs/benchmarks] [--smoke] [--sections 1,2,3,4,5] [--profile]
 

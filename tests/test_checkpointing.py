@@ -1,8 +1,8 @@
 """Activation checkpointing: equivalence with the plain model (outputs, gradients, BatchNorm
 running statistics, updated weights), state_dict compatibility, policies and segments.
 
-DESIGN.md rule 8: every memory feature is proven on CPU by an equivalence test; the negative
-control below shows the BatchNorm check can fail.
+Every memory feature is proven on CPU by an equivalence test (and its cost by
+tests/test_memory_cost.py); the negative control below shows the BatchNorm check can fail.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Cost of the memory features: saved-activation bytes (meta vs real CPU, checkpointing, bf16),
-the FIELD_NOTES.md figures, recompute FLOPs, channels_last (DESIGN.md rule 8)."""
+the reference figures per image, recompute FLOPs, channels_last. With the equivalence tests
+(tests/test_checkpointing.py) they prove each memory feature on CPU."""
 
 from __future__ import annotations
 
@@ -124,8 +125,9 @@ def test_caller_model_untouched():
 # ----------------------------------------------------------------------------- cost
 
 
-def test_field_notes_figures():
-    """FIELD_NOTES.md 'Measuring memory without a GPU' (MiB per image), within 1%."""
+def test_reference_figures_per_image():
+    """Saved activations per image (MiB) measured without a GPU, as quoted in
+    resnet_scale/memory/measure.py: within 1%."""
     r50 = meta_model("bottleneck", 50)
     expected = [
         (r50, 224, {}, 82.0),

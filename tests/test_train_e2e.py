@@ -137,8 +137,9 @@ def test_imagefolder_streamed_and_in_memory_train_identically(tmp_path):
 
 
 def test_a_synthetic_run_needs_no_optional_dependency(tmp_path):
-    """DESIGN rule 7: with deepspeed, fairscale, wandb, datasets, sklearn ... absent, a synthetic run
-    trains (tracking falls back to local files) and asking for W&B explicitly says what to install."""
+    """Optional dependencies are imported where they are used: with deepspeed, fairscale, wandb,
+    datasets, sklearn ... absent, a synthetic run trains (tracking falls back to local files) and
+    asking for W&B explicitly says what to install."""
     code = f"""
 import sys
 for name in ('wandb', 'deepspeed', 'fairscale', 'datasets', 'sklearn', 'matplotlib', 'wandb_workspaces',

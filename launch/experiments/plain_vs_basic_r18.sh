@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Plain vs residual (basic) blocks at depth 18 on CIFAR-10: the first user's comparison, tracked
+# Plain vs residual (basic) blocks at depth 18 on CIFAR-10: does the shortcut help? Tracked
 # and reproducible. Both blocks get the same data, batch size, learning rate and epochs; every
 # (seed, block) is one run in runs/r18-plain-vs-basic, then `resnet-scale report` compares them
 # in reports/r18-plain-vs-basic (report.html, report.md, PNGs: mean ± std over seeds).

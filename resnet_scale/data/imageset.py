@@ -2,7 +2,7 @@
 
 Only torch and numpy are imported here: ``import resnet_scale.data`` must not need the optional
 dependencies (datasets, pyarrow, scikit-learn, PIL), which are imported inside the functions that
-use them (DESIGN.md rule 7).
+use them.
 """
 
 from __future__ import annotations

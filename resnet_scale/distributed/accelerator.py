@@ -67,7 +67,7 @@ def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
         require_deepspeed()
         ds_config = build_ds_config(cfg, memory, world)
         # Accelerate shards data and counts processes for DeepSpeed only when it is told through
-        # the environment (FIELD_NOTES.md: otherwise every rank sees every batch, silently).
+        # the environment (otherwise every rank sees every batch, silently).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
         kwargs["mixed_precision"] = "no"  # bf16 is DeepSpeed's torch_autocast (see deepspeed.py)

@@ -7,7 +7,7 @@ starts. Keys starting with ``_`` are comments and are dropped.
 
 Precision: bf16 runs under DeepSpeed's ``torch_autocast`` mode; DeepSpeed's ``bf16``/``fp16``
 sections cast the whole model, BatchNorm included, and BatchNorm then fails on CPU and loses
-its fp32 statistics (FIELD_NOTES.md), so they are refused.
+its fp32 statistics, so they are refused.
 """
 
 from __future__ import annotations

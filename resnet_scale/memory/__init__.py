@@ -1,24 +1,22 @@
-"""Memory transforms and measurements, applied from outside the model (DESIGN.md rules 1, 3).
+"""Memory transforms and measurements, applied to a model from outside (the model knows nothing
+of them).
 
-* ``apply_activation_checkpointing(model, policy, impl=..., offload_to_cpu=...)`` --
-  recompute residual blocks in the backward pass instead of storing their activations;
-  ``segments(model, policy)`` lists what each segment holds.
-* ``apply_channels_last(model)`` -- NHWC weights for tensor-core convolutions.
-* ``measure_saved_activation_bytes`` / ``measure_segment_peak_bytes`` / ``count_step_flops`` --
-  observe one training step's activation memory and FLOPs, on the ``meta`` device by default
-  (no compute, no memory).
+* ``checkpointing.py`` -- ``apply_activation_checkpointing(model, policy, impl=..., offload_to_cpu=...)``
+  recomputes runs of residual blocks in the backward pass instead of storing their activations,
+  with BatchNorm running statistics updated once per step; ``CHECKPOINT_POLICIES`` names and
+  explains the policies (``none``, ``block``, ``stage``, ``sqrt``, ``every:K``) and
+  ``segments(model, policy)`` lists the blocks of each segment. The module docstring gives the
+  design (segments never cross a stage boundary; state_dict keys never change).
+* ``layout.py`` -- ``apply_channels_last(model)``: NHWC weights for tensor-core convolutions.
+* ``measure.py`` -- ``measure_saved_activation_bytes`` / ``measure_segment_peak_bytes`` /
+  ``count_step_flops`` observe one training step's activation memory and FLOPs, on the ``meta``
+  device by default (no compute, no memory).
+* ``settings.py`` -- ``resolve_memory(cfg, ...)`` turns the memory flags (``--low-memory`` and the
+  explicit ones) into one ``MemorySettings``; ``apply_memory_transforms(model, settings)`` applies
+  the transforms in their one valid order; ``activation_offload`` keeps saved activations on the CPU.
 
-``CHECKPOINT_POLICIES`` (``--checkpointing``), name -> meaning:
-
-* ``none``    -- no checkpointing.
-* ``block``   -- each residual block is one segment.
-* ``stage``   -- each stage ``layerN`` is one segment.
-* ``sqrt``    -- ceil(sqrt(n)) consecutive blocks per segment, n = blocks in the model
-  (Chen et al. 2016, arXiv:1604.06174).
-* ``every:K`` -- K consecutive blocks per segment.
-
-Segments never cross a stage boundary (each stage is chunked on its own); see
-``resnet_scale/memory/checkpointing.py`` for why, and for the BatchNorm fix.
+Imports torch and ``resnet_scale.config`` only; fairscale is imported when ``impl="fairscale"``
+asks for it.
 """
 
 from .checkpointing import (

@@ -1,4 +1,5 @@
-"""Activation checkpointing of ResNet blocks, applied from outside the model (DESIGN.md rule 1).
+"""Activation checkpointing of ResNet blocks, applied from outside the model (the model code knows
+nothing of it).
 
 Checkpointing keeps only the input of each *segment* (a run of consecutive residual blocks)
 during the forward pass and recomputes the segment's inside during the backward pass:

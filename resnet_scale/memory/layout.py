@@ -22,9 +22,11 @@ logger = logging.getLogger("resnet_scale")
 def apply_channels_last(model: nn.Module) -> nn.Module:
     """Convert ``model``'s 4-D parameters and buffers to ``torch.channels_last``, in place.
 
-    Returns the same model and logs one line. Under DeepSpeed ZeRO apply this *after* the
-    engine is built, never before (FIELD_NOTES.md: a channels_last model crashed ZeRO-2's
-    initial parameter broadcast, and the engine made the weights contiguous again).
+    Returns the same model and logs one line. Not for DeepSpeed ZeRO: a channels_last model
+    crashed ZeRO-2's initial parameter broadcast and the engine made the weights contiguous
+    again, and once the engine is built its parameters are views of flat buffers that a
+    conversion would cut off. Under ZeRO the training setup leaves the weights NCHW and the NHWC
+    inputs keep the activations NHWC.
     """
     model.to(memory_format=torch.channels_last)
     n = sum(1 for p in model.parameters() if p.dim() == 4)

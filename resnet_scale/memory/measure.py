@@ -33,12 +33,13 @@ each checkpointed segment's saved input (non-reentrant ``checkpoint`` saves it t
 hooks) plus the stem and head. During the backward pass one segment at a time is recomputed;
 that extra peak is :func:`measure_segment_peak_bytes`, reported separately.
 
-Figures (MiB per image = the slope between batch 1 and 2, fp32 unless said; FIELD_NOTES.md in
-brackets): ResNet-50/224 81.9 [82.0] (bf16 41.7 [41.8]); ResNet-18/224 21.2 [21.2];
-ResNet-152/224 169.2 [169.5]; CIFAR-stem ResNet-18/32 4.48 [4.48]; ResNet-50 with ``stage``
-14.4 [14.4], ``block`` 29.7 [29.7]. The notes' figures are per image at some small batch, so
-they carry a share of the batch-independent BatchNorm statistics (ResNet-152: 169.8 MiB at
-batch 1, 169.5 at batch 2, 169.2 per image); the function returns bytes for the whole batch.
+Figures (MiB per image = the slope between batch 1 and 2, fp32 unless said; in brackets the
+reference figures tests/test_memory_cost.py checks within 1 %): ResNet-50/224 81.9 [82.0] (bf16
+41.7 [41.8]); ResNet-18/224 21.2 [21.2]; ResNet-152/224 169.2 [169.5]; CIFAR-stem ResNet-18/32
+4.48 [4.48]; ResNet-50 with ``stage`` 14.4 [14.4], ``block`` 29.7 [29.7]. The reference figures
+are per image at a small batch, so they carry a share of the batch-independent BatchNorm
+statistics (ResNet-152: 169.8 MiB at batch 1, 169.5 at batch 2, 169.2 per image); the function
+returns bytes for the whole batch.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``resolve_memory(cfg, world_size, device_type)`` turns the optional ``MemoryConfig`` fields into
 one concrete ``MemorySettings``, refusing combinations that cannot work, with the numbers.
 ``apply_memory_transforms(model, settings)`` is the one function that fixes the order of the
-``apply_*`` transforms; the accelerator's ``prepare`` comes after it (DESIGN.md rule 1).
+``apply_*`` transforms; the accelerator's ``prepare`` comes after it, in the training setup.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def apply_memory_transforms(model: nn.Module, settings: MemorySettings) -> nn.Mo
     2. activation checkpointing next: it patches stage ``forward``s of the real modules, which
        ``torch.compile`` must trace (compiling first would hide the stages from it).
     3. ``torch.compile`` last of the model transforms; ``accelerator.prepare`` (DDP, autocast)
-       comes after all of them, in the trainer.
+       comes after all of them, in the training setup.
     Precision is not a model transform: Accelerate's autocast applies it around ``forward``, and
     the weights and BatchNorm statistics stay fp32.
     """

@@ -1,4 +1,5 @@
-"""Models: nn.Module code only (imports only torch; see DESIGN.md rule 1).
+"""Models: nn.Module code only. Imports only torch: memory transforms, distribution and training
+are applied to these models from outside, so nothing here knows about them.
 
 ``build_resnet(block, depth, stem=..., num_classes=...)`` makes a ResNet of plain, basic or
 bottleneck blocks; with ``stem="imagenet"`` it is state_dict-compatible with torchvision.

@@ -1,7 +1,19 @@
 """Tracking and comparison: trackers (W&B, TensorBoard, none) fed by the training loop, and
 reports that compare finished runs from their own folders (``resnet-scale report``).
 
-wandb, tensorboard, matplotlib and wandb-workspaces are imported only where they are used.
+* ``trackers.py`` -- ``build_tracker(kind, ...)``: a real tracker on the main process, a no-op on
+  the others; W&B goes offline by itself without an API key or network.
+* ``environment.py`` -- ``environment_info()``: versions, git commit, CPU and GPU, saved with
+  every run's config.
+* ``runs.py`` -- finished runs read back from ``config.json``, ``metrics.jsonl`` and
+  ``summary.json``, and grouped by a config key.
+* ``report.py`` (with ``tables.py`` and ``plots.py``) -- ``build_report``: ``report.md``,
+  ``report.html`` and ``report.json`` from the run folders alone.
+* ``wandb_report.py`` -- the same comparison as a W&B Report; ``offline.py`` reads an offline
+  W&B run without the network.
+
+Imports nothing of the package above ``resnet_scale._version``; wandb, tensorboard, matplotlib
+and wandb-workspaces are imported only where they are used.
 """
 
 from resnet_scale.tracking.runs import ReportError, expand_run_dirs, load_run
