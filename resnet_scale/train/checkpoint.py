@@ -4,8 +4,9 @@ Every process calls ``save_checkpoint`` (``accelerator.save_state`` is collectiv
 ZeRO). The state goes to a hidden temporary folder; only when it is complete does the main
 process write ``loop_state.json`` and the ``COMPLETE`` marker and rename the folder, so a crash
 mid-save never leaves a half checkpoint under a real name. ``latest_checkpoint`` only ever
-returns complete ones. The loop's counters and metric windows travel in ``loop_state.json`` so
-a resumed run continues at the exact next batch with identical metrics.
+returns complete ones. The loop's :class:`~resnet_scale.train.state.LoopState` (counters, clocks,
+the unfinished metric window) travels in ``loop_state.json``, so a resumed run continues at the
+exact next batch with identical metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from resnet_scale.config import Config, ConfigError, TrainConfig
+from resnet_scale.train.state import LoopState
 
 CHECKPOINTS = "checkpoints"
 _MARKER = "COMPLETE"
@@ -52,7 +54,7 @@ def latest_checkpoint(run_path: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, run_path: Path, step: int, loop_state: dict[str, Any],
+def save_checkpoint(accelerator: Accelerator, run_path: Path, step: int, loop_state: LoopState,
                     keep: int) -> Path:
     root = Path(run_path) / CHECKPOINTS
     final = root / f"step-{step:09d}"
@@ -64,7 +66,7 @@ def save_checkpoint(accelerator: Accelerator, run_path: Path, step: int, loop_st
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=2) + "\n")
+        (tmp / "loop_state.json").write_text(json.dumps(loop_state.to_dict(), indent=2) + "\n")
         (tmp / _MARKER).write_text(f"step {step}\n")
         if final.exists():  # the same step saved again (epoch end right after a step checkpoint)
             shutil.rmtree(final)
@@ -167,11 +169,12 @@ def verify_checkpoint_files(path: Path) -> None:
             ) from None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, registered scheduler and RNG states; return the loop state."""
+def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
+    """Restore model, optimizer, registered scheduler and RNG states; return the loop state (checked
+    first: a bad ``loop_state.json`` is refused before the model or optimizer change)."""
     verify_checkpoint_files(path)
     try:
-        loop_state = json.loads((path / "loop_state.json").read_text())
+        loop_state = LoopState.from_dict(json.loads((path / "loop_state.json").read_text()))
         accelerator.load_state(str(path))
     except Exception as err:  # noqa: BLE001 - whatever the engine raises, say which checkpoint
         raise ConfigError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "

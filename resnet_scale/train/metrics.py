@@ -4,6 +4,7 @@ evaluation, and BatchNorm statistics made equal on every rank before they are us
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,11 @@ class Window:
         self.count += result.count
 
 
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The most memory this process's tensors held on a GPU so far (None off a GPU)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
     """Sum scalars over all ranks (one collective) and return them as Python floats."""
     stacked = torch.stack([v.double() for v in values])
@@ -50,9 +56,10 @@ def reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Loss and accuracy over the whole test split, each sample counted exactly once over all
-    ranks: the loader shards the split without padding, and per-rank sums are reduced."""
+def evaluate(model: torch.nn.Module, loader: Iterable, accelerator: Accelerator) -> dict[str, float]:
+    """Loss and accuracy over the whole test split (batches of images and labels), each sample
+    counted exactly once over all ranks: the loader shards the split without padding, and per-rank
+    sums are reduced."""
     model.eval()
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -140,3 +140,27 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
     finite = gradients_finite(accelerator, grad_norm)
     apply_update(optimizer, finite, buffers)
     return step_result(optimizer, loss_sum, correct, n, grad_norm, finite)
+
+
+def step_with_recovery(accelerator: Accelerator, model: nn.Module, optimizer, images: torch.Tensor,
+                       labels: torch.Tensor, *, step: int, memory: MemorySettings, label_smoothing: float,
+                       offload, max_grad_norm: float | None, buffers: BufferSnapshot | None,
+                       events: list[dict[str, int]], say) -> tuple[StepResult, MemorySettings]:
+    """``guarded_step`` until it fits: each out-of-memory error (on any rank) halves the micro-batch on
+    every rank. Appends each switch to ``events``, tells ``say``; returns (result, the plan now in use)."""
+    while True:
+        result = guarded_step(accelerator, model, optimizer, images, labels, step=step, memory=memory,
+                              label_smoothing=label_smoothing, offload=offload,
+                              max_grad_norm=max_grad_norm, buffers=buffers)
+        if result is not None:
+            return result, memory
+        smaller = next_plan(memory)
+        if smaller is None:
+            raise OutOfMemoryUnrecoverable(
+                f"step {step} runs out of memory even with a micro-batch of {memory.micro_batch_size} image(s); "
+                "lower --batch-size, add --checkpointing block / --precision bf16, or use more devices.")
+        memory = smaller
+        accelerator.gradient_accumulation_steps = memory.accumulation_steps
+        events.append({"step": step, "micro_batch_size": memory.micro_batch_size,
+                       "accumulation_steps": memory.accumulation_steps})
+        say(f"step {step}: out of memory on a rank; every rank redoes it with {memory.describe()}")

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+import resnet_scale.train.setup as setup
 import resnet_scale.train.trainer as trainer
 from resnet_scale.config import add_config_arguments, config_from_args
 
@@ -17,7 +18,7 @@ from resnet_scale.config import add_config_arguments, config_from_args
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     seen = {"activations": [], "weights": []}
-    build = trainer.build_resnet
+    build = setup.build_resnet  # the name set_up calls
 
     def build_with_hooks(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -33,7 +34,7 @@ def main() -> None:
                 m.register_forward_hook(hook)
         return model
 
-    trainer.build_resnet = build_with_hooks
+    setup.build_resnet = build_with_hooks
     import argparse
 
     parser = argparse.ArgumentParser()
