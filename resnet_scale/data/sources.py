@@ -55,7 +55,7 @@ def build_datasets(
     _check_source(source)
     if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
         raise DataError(f"image_size must be a positive number of pixels, got {image_size!r}")
-    size = image_size if image_size is not None else _NATIVE_SIZE[source]
+    size = image_size if image_size is not None else NATIVE_IMAGE_SIZE[source]
 
     if source in ("cifar10", "cifar100"):
         from .cifar import CIFAR_STATS, load_cifar
