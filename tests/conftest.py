@@ -18,3 +18,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4 (each test may start several processes)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """The reference 2-rank DDP run on gloo (tests/test_distributed.py's BASE flags, --distributed ddp),
+    made once per session: the ZeRO, sync-BN and OOM-recovery tests compare against it. Tests that use
+    it are marked ``xdist_group("ddp")`` so that one worker makes it once."""
+    from test_distributed import train_run
+
+    return train_run(tmp_path_factory.mktemp("ddp"), "ddp", "--distributed", "ddp")

@@ -35,11 +35,6 @@ def smoke(tmp_path_factory):
             "seconds": seconds}
 
 
-def test_smoke_is_fast(smoke):
-    print(f"smoke run: {smoke['seconds']:.1f} s")
-    assert smoke["seconds"] < 60  # < 40 s on an idle CI core; headroom for a loaded machine
-
-
 def test_smoke_writes_every_section(smoke):
     rep, md = smoke["json"], smoke["md"]
     assert rep["smoke"] is True and rep["machine"]["torch"]

@@ -103,10 +103,13 @@ def test_parameter_counts_match_torchvision():
     "block,depth",
     [(b, d) for b in BLOCK_NAMES for d in (*STANDARD_DEPTHS, CIFAR_DEPTH[b])],
 )
-def test_forward_backward_cifar_stem_32px(block, depth):
+def test_forward_backward_cifar_stem(block, depth):
+    # 8 px: the wiring under test (every block reached, every parameter given a gradient) does not
+    # depend on the image side, and 8 px still passes every stride-2 stage (8 -> 4 -> 2 -> 1) at a
+    # sixteenth of 32 px's cost. 32 px CIFAR runs are trained end to end elsewhere.
     torch.manual_seed(0)
     model = build_resnet(block, depth, stem="cifar", num_classes=10)
-    out = model(torch.randn(2, 3, 32, 32))
+    out = model(torch.randn(2, 3, 8, 8))
     assert out.shape == (2, 10)
     out.square().mean().backward()
     for name, p in model.named_parameters():
