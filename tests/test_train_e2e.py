@@ -15,11 +15,22 @@ from resnet_scale.train import evaluate
 from resnet_scale.train.run_dir import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/_cli_server.py
+
+
+# ``python -m resnet_scale train`` runs in a child forked from a server that has imported torch and
+# the package once (tests/_cli_server.py); RESNET_SCALE_TESTS_NO_FORK=1 starts a new interpreter each time.
+FORK = hasattr(os, "fork") and os.environ.get("RESNET_SCALE_TESTS_NO_FORK") != "1"
 
 
 def run_cli(*argv, cwd=None, launcher=None, timeout=600):
-    cmd = launcher or [sys.executable, "-m", "resnet_scale", "train"]
+    """``resnet-scale train ARGV`` as its own process: (returncode, stdout, stderr) of a CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    if launcher is None and FORK:
+        from _cli_server import run_module
+
+        return run_module(["train", *map(str, argv)], env=env, cwd=Path(cwd or REPO), timeout=timeout)
+    cmd = launcher or [sys.executable, "-m", "resnet_scale", "train"]
     return subprocess.run([*cmd, *map(str, argv)], capture_output=True, text=True, cwd=cwd or REPO,
                           env=env, timeout=timeout)
 
