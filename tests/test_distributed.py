@@ -22,7 +22,7 @@ from resnet_scale.train.run_dir import load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_memory_train import parse  # noqa: E402
-from test_train_e2e import REPO, read_jsonl, run_cli  # noqa: E402
+from test_train_e2e import FORK, REPO, read_jsonl, run_cli  # noqa: E402
 
 
 
@@ -43,8 +43,17 @@ def torchrun(nproc=2, script=None):
             str(script or REPO / "launch" / "train.py")]
 
 
+def ranks(nproc=2):
+    """The launcher of the tests that compare runs: torchrun's elastic agent with its workers forked
+    after the imports (tests/workers/fork_launch.py), or real torchrun with RESNET_SCALE_TESTS_NO_FORK=1.
+    The tests about launching itself (torchrun, two nodes, restarts) always use real torchrun."""
+    if FORK:
+        return [sys.executable, str(REPO / "tests" / "workers" / "fork_launch.py"), str(nproc)]
+    return torchrun(nproc)
+
+
 def train_run(tmp_path, name, *extra, nproc=2):
-    launcher = torchrun(nproc) if nproc > 1 else [sys.executable, str(REPO / "launch" / "train.py")]
+    launcher = ranks(nproc) if nproc > 1 else [sys.executable, str(REPO / "launch" / "train.py")]
     out = run_cli(*BASE, "--output-dir", tmp_path, "--run-name", name, *extra, launcher=launcher)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / name

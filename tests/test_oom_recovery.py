@@ -15,7 +15,7 @@ from resnet_scale.train.oom import next_plan
 from resnet_scale.train.run_dir import load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import BASE, torchrun  # noqa: E402
+from test_distributed import BASE, ranks  # noqa: E402
 from test_train_e2e import read_jsonl, run_cli  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def _run(tmp_path, name, *extra, inject=None, monkeypatch=None):
     if inject:
         monkeypatch.setenv("RESNET_SCALE_INJECT_OOM", inject)
     out = run_cli(*BASE, "--distributed", "ddp", "--output-dir", tmp_path, "--run-name", name, *extra,
-                  launcher=torchrun(2))
+                  launcher=ranks(2))
     if inject:
         monkeypatch.delenv("RESNET_SCALE_INJECT_OOM")
     assert out.returncode == 0, out.stderr[-3000:]

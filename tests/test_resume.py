@@ -63,8 +63,9 @@ def test_sigterm_mid_epoch_then_resume_auto_is_exact(tmp_path):
                                     ("--ds-config", str(REPO / "ds_configs" / "zero3_offload.json"))],
                          ids=["ddp", "zero2", "zero3-offload"])
 def test_two_rank_sigterm_then_resume_is_exact(tmp_path, engine):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                str(REPO / "launch" / "train.py")]
+    from test_distributed import ranks
+
+    torchrun = ranks(2)
     args = (*ARGS, *engine)
     assert run_cli(*args, "--output-dir", tmp_path, "--run-name", "straight", launcher=torchrun).returncode == 0
     code, sent = _stop_at_step([*torchrun, *args, "--output-dir", str(tmp_path), "--run-name", "cut"], "step 3/12")
