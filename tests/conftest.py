@@ -28,8 +28,8 @@ def pytest_xdist_auto_num_workers(config):
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
     """The reference 2-rank DDP run on gloo (tests/test_distributed.py's BASE flags, --distributed ddp),
-    made once per session: the ZeRO, sync-BN and OOM-recovery tests compare against it. Tests that use
-    it are marked ``xdist_group("ddp")`` so that one worker makes it once."""
+    made once per session (per xdist worker that needs it): the ZeRO, sync-BN and OOM-recovery tests
+    compare against it."""
     from test_distributed import train_run
 
     return train_run(tmp_path_factory.mktemp("ddp"), "ddp", "--distributed", "ddp")

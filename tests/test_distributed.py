@@ -74,7 +74,6 @@ def assert_disjoint_cover(samples, n=96):
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
 
 
-@pytest.mark.xdist_group("ddp")
 @pytest.mark.multiprocess
 def test_ddp_shards_every_sample_exactly_once_and_trains(ddp_run):
     assert ddp_run["summary"]["world_size"] == 2 and len(ddp_run["losses"]) == 3
@@ -94,7 +93,6 @@ ENGINES = {
 }
 
 
-@pytest.mark.xdist_group("ddp")
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_deepspeed_zero_matches_ddp(tmp_path, ddp_run, engine):
@@ -117,7 +115,6 @@ def test_deepspeed_accumulation_is_not_scaled_twice(tmp_path):
     assert zero["losses"] == pytest.approx(ddp["losses"], abs=1e-4)
 
 
-@pytest.mark.xdist_group("ddp")
 @pytest.mark.multiprocess
 def test_global_batch_invariance_with_sync_bn(tmp_path, ddp_run):
     one = train_run(tmp_path, "one", nproc=1)

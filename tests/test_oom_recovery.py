@@ -33,7 +33,6 @@ def _run(tmp_path, name, *extra, inject=None, monkeypatch=None):
             "summary": json.loads((run / "summary.json").read_text()), "stderr": out.stderr}
 
 
-@pytest.mark.xdist_group("ddp")
 @pytest.mark.multiprocess
 def test_oom_on_one_rank_moves_every_rank_to_the_next_plan_at_the_same_step(tmp_path, monkeypatch, ddp_run):
     plain = ddp_run  # the same flags as _run's, without --oom-recovery
