@@ -39,8 +39,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     import resnet_scale.cli.train  # noqa: F401
     import resnet_scale.train  # noqa: F401
 
-    if any(a in ("--zero-stage", "--ds-config") or a == "--distributed=deepspeed" for a in argv) or \
-            "deepspeed" in argv:
+    if {"--zero-stage", "--ds-config", "deepspeed", "--distributed=deepspeed"} & set(argv):
         import deepspeed  # noqa: F401
         import transformers  # noqa: F401
 
