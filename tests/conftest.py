@@ -9,6 +9,13 @@ import torch
 # wandb, which would add a wandb/ folder to every run and cost seconds per run).
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# One intra-op thread in the test processes and in every process they start (inherited through the
+# environment): the xdist workers run side by side on CI's 2 cores, and two OpenMP threads per process
+# would oversubscribe them (spinning threads slow a loaded machine several-fold). Runs compared with
+# each other therefore always use the same thread count, so their float sums agree.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -29,7 +29,7 @@ def _metrics(run):
 
 def _stop_at_step(cmd, step_text):
     """Start ``cmd`` and SIGTERM its whole process group once it logs ``step_text``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}  # as run_cli: same float sums
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # as run_cli (the same threads: same float sums)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True)
     sent = False
     for line in proc.stderr:

@@ -25,7 +25,7 @@ FORK = hasattr(os, "fork") and os.environ.get("RESNET_SCALE_TESTS_NO_FORK") != "
 
 def run_cli(*argv, cwd=None, launcher=None, timeout=600):
     """``resnet-scale train ARGV`` as its own process: (returncode, stdout, stderr) of a CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # OMP_NUM_THREADS: tests/conftest.py
     if launcher is None and FORK:
         from _cli_server import run_module
 
@@ -41,8 +41,10 @@ def read_jsonl(path):
 
 @pytest.mark.e2e
 def test_digits_reaches_95_percent_and_writes_every_file(tmp_path):
-    out = run_cli("--data", "digits", "--block", "basic", "--depth", "14", "--batch-size", "32",
-                  "--lr", "0.05", "--epochs", "6", "--seed", "0", "--output-dir", tmp_path, "--run-name", "digits")
+    # 8 px (the digits' own resolution) and 4 epochs: a quarter of the pixels of the 16-px default, and
+    # still ~98 % (the 95 % bar holds with a wide margin).
+    out = run_cli("--data", "digits", "--block", "basic", "--depth", "14", "--batch-size", "32", "--image-size", "8",
+                  "--lr", "0.05", "--epochs", "4", "--seed", "0", "--output-dir", tmp_path, "--run-name", "digits")
     assert out.returncode == 0, out.stderr
     run = tmp_path / "digits"
     summary = json.loads((run / "summary.json").read_text())
@@ -61,19 +63,19 @@ def test_digits_reaches_95_percent_and_writes_every_file(tmp_path):
     for record in records:
         assert {"step", "epoch", "split", "loss", "accuracy", "lr", "images_per_s"} <= record.keys()
     tests = [r for r in records if r["split"] == "test"]
-    assert [r["epoch"] for r in tests] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in tests] == [1, 2, 3, 4]
     assert all(r["samples"] == 360 for r in tests)  # every test image counted once
     assert tests[-1]["accuracy"] == summary["final_accuracy"]
     assert all(r["grad_norm"] > 0 and r["step_time_s"] > 0 for r in records if r["split"] == "train")
     train_steps = [r["step"] for r in records if r["split"] == "train"]
-    assert train_steps == sorted(train_steps) and train_steps[-1] == summary["steps"] == 6 * 45
+    assert train_steps == sorted(train_steps) and train_steps[-1] == summary["steps"] == 4 * 45
 
     # The saved weights are the trained model: they reproduce the final accuracy.
     model = build_resnet("basic", 14, stem="cifar", num_classes=10)
     model.load_state_dict(load_weights(run / "model.safetensors"), strict=True)
     from accelerate import Accelerator
 
-    _, test_set = build_datasets("digits")
+    _, test_set = build_datasets("digits", image_size=8)
     result = evaluate(model, DeviceLoader(test_set, batch_size=64, train=False), Accelerator(cpu=True))
     assert result["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
 
