@@ -170,7 +170,7 @@ def _workers(pid: int) -> list[int]:
 
 
 @pytest.mark.multiprocess
-def test_torchrun_max_restarts_resumes_a_killed_worker_from_the_newest_checkpoint(tmp_path):
+def test_torchrun_max_restarts_resumes_a_killed_worker_from_the_newest_checkpoint(tmp_path, straight_ddp_run):
     """One of 2 workers is SIGKILLed mid-run (as the OOM killer or a dying host would); torchrun
     restarts the group, which continues from the newest checkpoint by itself and ends exactly as
     an uninterrupted run: same metrics, same weights, same number of optimizer steps."""
@@ -179,7 +179,6 @@ def test_torchrun_max_restarts_resumes_a_killed_worker_from_the_newest_checkpoin
                 "--max-restarts", str(restarts), str(REPO / "launch" / "train.py")]
 
     args = (*ARGS, "--distributed", "ddp", "--output-dir", tmp_path)
-    assert run_cli(*args, "--run-name", "straight", launcher=torchrun(0)).returncode == 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*torchrun(1), *map(str, args), "--run-name", "killed"], stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env=env)
@@ -195,9 +194,9 @@ def test_torchrun_max_restarts_resumes_a_killed_worker_from_the_newest_checkpoin
     assert killed is not None
     text = "".join(log)
     assert "torchrun restart 1: resuming from" in text
-    _assert_same_run(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_run(straight_ddp_run, tmp_path / "killed")  # the same flags, never interrupted
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert summary["steps"] == json.loads((tmp_path / "straight" / "summary.json").read_text())["steps"] == 12
+    assert summary["steps"] == json.loads((straight_ddp_run / "summary.json").read_text())["steps"] == 12
 
 
 def test_resume_path_of_another_run_is_refused(checkpointed_run, tmp_path):

@@ -62,17 +62,21 @@ def test_sigterm_mid_epoch_then_resume_auto_is_exact(tmp_path):
 @pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2"),
                                     ("--ds-config", str(REPO / "ds_configs" / "zero3_offload.json"))],
                          ids=["ddp", "zero2", "zero3-offload"])
-def test_two_rank_sigterm_then_resume_is_exact(tmp_path, engine):
+def test_two_rank_sigterm_then_resume_is_exact(tmp_path, engine, request):
     from test_distributed import ranks
 
     torchrun = ranks(2)
     args = (*ARGS, *engine)
-    assert run_cli(*args, "--output-dir", tmp_path, "--run-name", "straight", launcher=torchrun).returncode == 0
+    if engine[0] == "--distributed":  # DDP: the session's uninterrupted run (tests/conftest.py)
+        straight = request.getfixturevalue("straight_ddp_run")
+    else:
+        assert run_cli(*args, "--output-dir", tmp_path, "--run-name", "straight", launcher=torchrun).returncode == 0
+        straight = tmp_path / "straight"
     code, sent = _stop_at_step([*torchrun, *args, "--output-dir", str(tmp_path), "--run-name", "cut"], "step 3/12")
     assert sent and code != 0 and latest_checkpoint(tmp_path / "cut") is not None
     resumed = run_cli(*args, "--output-dir", tmp_path, "--run-name", "cut", "--resume", "auto", launcher=torchrun)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_run(tmp_path / "straight", tmp_path / "cut")
+    _assert_same_run(straight, tmp_path / "cut")
 
 
 def test_an_interrupted_checkpoint_write_is_never_picked(tmp_path):
