@@ -43,13 +43,15 @@ def torchrun(nproc=2, script=None):
             str(script or REPO / "launch" / "train.py")]
 
 
-def ranks(nproc=2):
-    """The launcher of the tests that compare runs: torchrun's elastic agent with its workers forked
-    after the imports (tests/workers/fork_launch.py), or real torchrun with RESNET_SCALE_TESTS_NO_FORK=1.
-    The tests about launching itself (torchrun, two nodes, restarts) always use real torchrun."""
+def ranks(nproc=2, script=None):
+    """The launcher of the tests that compare runs (or probe them with ``script``): torchrun's elastic
+    agent with its workers forked after the imports (tests/workers/fork_launch.py), or real torchrun
+    with RESNET_SCALE_TESTS_NO_FORK=1. The tests about launching itself (torchrun, two nodes,
+    restarts) always use real torchrun."""
     if FORK:
-        return [sys.executable, str(REPO / "tests" / "workers" / "fork_launch.py"), str(nproc)]
-    return torchrun(nproc)
+        return [sys.executable, str(REPO / "tests" / "workers" / "fork_launch.py"), str(nproc),
+                *(["--script", str(script)] if script else [])]
+    return torchrun(nproc, script)
 
 
 def train_run(tmp_path, name, *extra, nproc=2):
@@ -131,7 +133,7 @@ def test_global_batch_invariance_with_sync_bn(tmp_path, ddp_run):
 @pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2")])
 def test_channels_last_is_what_the_step_uses(tmp_path, engine):
     probe = tmp_path / "probe"
-    cmd = torchrun(2, REPO / "tests" / "workers" / "probe_channels_last.py")
+    cmd = ranks(2, REPO / "tests" / "workers" / "probe_channels_last.py")
     out = run_cli(probe, *BASE, "--output-dir", tmp_path, "--channels-last", *engine, launcher=cmd)
     assert out.returncode == 0, out.stderr[-3000:]
     for rank in (0, 1):

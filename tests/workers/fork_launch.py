@@ -1,5 +1,7 @@
 """``torchrun --standalone --nproc-per-node N launch/train.py ARGS``, with the workers forked from
-the agent after the imports: ``python fork_launch.py N ARGS``.
+the agent after the imports: ``python fork_launch.py N ARGS``; ``python fork_launch.py N --script
+PATH ARGS`` runs the Python file PATH in each worker instead of launch/train.py (as
+``torchrun ... PATH ARGS`` would).
 
 The agent is torchrun's own (``elastic_launch``: c10d rendezvous on localhost, one store, the
 same environment per worker: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_*), and
@@ -15,12 +17,20 @@ import sys
 import uuid
 
 
-def worker(argv: list[str]) -> None:
+def worker(argv: list[str], script: str | None = None) -> None:
     import torch
 
     from resnet_scale.cli.train import main
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as a new interpreter would read it
+    if script is not None:
+        import runpy
+
+        sys.argv = [script, *argv]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))  # as ``python PATH`` has it
+        runpy.run_path(script, run_name="__main__")
+        sys.stdout.flush(), sys.stderr.flush()
+        return
     sys.argv = ["launch/train.py", *argv]
     code = main(argv)
     sys.stdout.flush(), sys.stderr.flush()
@@ -28,7 +38,7 @@ def worker(argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], script: str | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -47,7 +57,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                           rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
                           monitor_interval=0.1, start_method="fork")
     try:
-        elastic_launch(config, worker)(argv)
+        elastic_launch(config, worker)(argv, script)
     except ChildFailedError as err:
         print(f"fork_launch: {err}", file=sys.stderr)
         return 1
@@ -55,4 +65,8 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch(int(sys.argv[1]), sys.argv[2:]))
+    args = sys.argv[2:]
+    script = None
+    if args[:1] == ["--script"]:
+        script, args = args[1], args[2:]
+    sys.exit(launch(int(sys.argv[1]), args, script))
