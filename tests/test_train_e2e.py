@@ -124,8 +124,8 @@ def test_offline_cifar10_without_data_dir_says_what_to_do(tmp_path):
 def test_two_rank_torchrun_shards_data_and_writes_one_run(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(REPO / "launch" / "train.py")]
-    out = run_cli("--data", "digits", "--depth", "8", "--batch-size", "32", "--epochs", "1", "--log-every", "5",
-                  "--output-dir", tmp_path, launcher=launcher)
+    out = run_cli("--data", "digits", "--depth", "8", "--image-size", "8", "--batch-size", "32", "--epochs", "1",
+                  "--log-every", "5", "--output-dir", tmp_path, launcher=launcher)
     assert out.returncode == 0, out.stderr
     (run,) = list(tmp_path.iterdir())  # one run folder although two processes ran
     summary = json.loads((run / "summary.json").read_text())
