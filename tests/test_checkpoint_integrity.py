@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from resnet_scale.train.state import LoopState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import _metrics  # noqa: E402
-from test_train_e2e import run_cli  # noqa: E402
+from test_train_e2e import REPO, run_cli  # noqa: E402
 
 ARGS = ("--data", "synthetic", "--depth", "8", "--image-size", "16", "--synthetic-train-samples", "32",
         "--synthetic-test-samples", "16", "--batch-size", "8", "--max-steps", "6", "--log-every", "1",
@@ -212,14 +213,14 @@ def test_a_save_after_resuming_from_an_older_checkpoint_keeps_itself(stopped, tm
     just saved is never the one pruned."""
     from accelerate import Accelerator
 
-    from resnet_scale.train.integrity import check_files
-
     run = _copy(stopped, tmp_path)
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
     model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     saved = save_checkpoint(accelerator, run, 3, LoopState(step=3), keep=1)
     assert saved == run / "checkpoints" / _step(3) and checkpoint_dirs(run) == [saved]
+    from resnet_scale.train.integrity import check_files
+
     assert check_files(saved) is True
 
 
@@ -240,6 +241,7 @@ class _Calls:
         pickle.dumps(_Calls(os.system, f"touch {marker}"), protocol=4)),
      "it holds pickle opcode 149 that the safe unpickler does not run"),
 ], ids=["os.system", "eval", "raw-pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_refused_pickle_says_what_it_asked_for_in_one_line(tmp_path, payload, named):
     (tmp_path / "c").mkdir()
     marker = tmp_path / "pwned"
@@ -252,3 +254,28 @@ def test_a_refused_pickle_says_what_it_asked_for_in_one_line(tmp_path, payload, 
     for advice in ("weights_only", "will likely succeed", "add_safe_globals", "allowlist"):
         assert advice not in message, message
     assert not marker.exists()
+
+
+@pytest.mark.multiprocess
+def test_every_rank_resumes_from_the_same_checkpoint_or_refuses_alike(stopped, tmp_path):
+    """Two ranks over gloo: the main process checks the files and tells the other one what it
+    decided (one warning, not one per rank); a refusal reaches every rank, none waits forever."""
+    from test_distributed import free_port
+
+    one = _copy(stopped, tmp_path / "one")
+    _flip_tensor_byte(one / "checkpoints" / _step(4) / "model.safetensors")
+    none = _copy(stopped, tmp_path / "none")
+    _flip_tensor_byte(none / "checkpoints" / _step(4) / "model.safetensors")
+    _flip_tensor_byte(none / "checkpoints" / _step(2) / "random_states_0.pkl")
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "workers" / "resume_choice.py"),
+                          str(free_port()), "auto", str(one), str(none)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1",  # the package of this checkout
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout.splitlines()
+    refused = f"refused: no intact checkpoint in {none / 'checkpoints'}: checkpoints {_step(4)} (model.safetensors"
+    by_rank = {r: [line.split(": ", 1)[1] for line in said if line.startswith(f"rank {r}: ")] for r in (0, 1)}
+    assert by_rank[0] == by_rank[1], said
+    assert by_rank[0][0] == str(one / "checkpoints" / _step(2)) and by_rank[0][1].startswith(refused), said
+    assert len([line for line in out.stderr.splitlines() if "is damaged" in line]) == 1, out.stderr[-3000:]

@@ -122,8 +122,6 @@ def _decided_once(decide):
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return decide()
-    from accelerate.utils import broadcast_object_list
-
     box: list = [None]
     if dist.get_rank() == 0:
         try:
@@ -131,9 +129,9 @@ def _decided_once(decide):
         except ConfigError as err:
             box = [("refused", str(err))]
         except Exception as err:  # noqa: BLE001 - the others must not wait for a result that never comes
-            broadcast_object_list([("failed", f"{type(err).__name__}: {err}")])
+            dist.broadcast_object_list([("failed", f"{type(err).__name__}: {err}")], src=0)
             raise
-    broadcast_object_list(box)
+    dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "refused":
         raise ConfigError(value)
