@@ -6,9 +6,9 @@ process write ``loop_state.json`` and the ``COMPLETE`` marker and rename the fol
 mid-save never leaves a half checkpoint under a real name. The marker records the size and
 sha256 of every file (``integrity.py``); ``latest_checkpoint`` only ever returns complete ones
 (without reading them), and a resume takes the newest one whose files are all as saved
-(``newest_intact_checkpoint``). The loop's :class:`~resnet_scale.train.state.LoopState` (counters, clocks,
-the unfinished metric window) travels in ``loop_state.json``, so a resumed run continues at the
-exact next batch with identical metrics.
+(``newest_intact_checkpoint``). The loop's :class:`~resnet_scale.train.state.LoopState`
+(counters, clocks, the unfinished metric window) travels in ``loop_state.json``, so a resumed run
+continues at the exact next batch with identical metrics.
 """
 
 from __future__ import annotations
@@ -99,14 +99,21 @@ def newest_intact_checkpoint(run_path: Path) -> Path | None:
             damaged.append((path.name, problem))
             continue
         if damaged:
-            logger.warning(f"{_are_damaged(damaged)}; resuming from {path.name}, the newest intact one")
+            _say(f"{_are_damaged(damaged)}; resuming from {path.name}, the newest intact one")
         if not verified:
-            logger.warning(f"checkpoint {path} has no checksums (saved by an older resnet-scale), not verified")
+            _say(f"checkpoint {path} has no checksums (saved by an older resnet-scale), not verified")
         return path
     if damaged:
         raise ConfigError(f"no intact checkpoint in {Path(run_path) / CHECKPOINTS}: {_are_damaged(damaged)}. "
                           "Nothing was changed; restore them from a copy, or start over under another --run-name.")
     return None
+
+
+def _say(warning: str) -> None:
+    """A warning of the resume's choice, from the main process only (called before the processes
+    are connected, every process checks the same files and comes to the same choice)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.warning(warning)
 
 
 def _are_damaged(damaged: list[tuple[str, Damaged]]) -> str:
@@ -158,7 +165,7 @@ def resolve_resume(resume: str | None, run_path: Path) -> Path | None:
     def verify() -> Path:
         try:
             if not check_files(path):
-                logger.warning(f"checkpoint {path} has no checksums (saved by an older resnet-scale), not verified")
+                _say(f"checkpoint {path} has no checksums (saved by an older resnet-scale), not verified")
         except Damaged as problem:
             raise ConfigError(f"--resume {resume}: the checkpoint is damaged ({problem}). Nothing was loaded; "
                               "resume from another checkpoint with --resume PATH (or the newest intact one "
@@ -233,8 +240,8 @@ def verify_checkpoint_files(path: Path) -> None:
                 load_file(str(file))
         except Exception as err:  # noqa: BLE001 - any failure: this file must not be loaded
             text = str(err)
-            unsafe = "Unsupported global" in text or text.startswith("Weights only load failed")
             first = text.strip().splitlines()[0] if text.strip() else ""
+            unsafe = "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in first
             raise ConfigError(
                 f"checkpoint file {file} is refused: "
                 + (f"{refused_pickle(text)}; it was not written by resnet-scale or was altered. " if unsafe
