@@ -13,6 +13,7 @@ import pytest
 
 from resnet_scale.config import ConfigError
 from resnet_scale.train.checkpoint import checkpoint_dirs
+from resnet_scale.train.integrity import write_marker
 from resnet_scale.train.state import LoopState
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -156,6 +157,7 @@ def test_a_resume_from_a_bad_loop_state_is_refused_and_changes_nothing(runs, tmp
     checkpoint = checkpoint_dirs(tmp_path / "saved")[0]
     saved = json.loads((checkpoint / "loop_state.json").read_text())
     (checkpoint / "loop_state.json").write_text(json.dumps({**saved, "surprise": 1}))
+    write_marker(checkpoint, saved["step"])  # its checksums match: the loop state's own check refuses it
     before = {str(p): p.read_bytes() for p in sorted((tmp_path / "saved").rglob("*")) if p.is_file()}
     out = run_cli(*ARGS, *SAVING, "--resume", checkpoint)
     assert out.returncode == 2, out.stderr[-3000:]

@@ -15,6 +15,7 @@ import torch
 
 from resnet_scale.train.checkpoint import EXIT_PREEMPTED, checkpoint_dirs, latest_checkpoint, resolve_resume
 from resnet_scale.train.control import EXIT_NONFINITE, NonFiniteError, check_finite_weights
+from resnet_scale.train.integrity import write_marker
 from resnet_scale.train.run_dir import load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -89,6 +90,7 @@ def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(checkpointed_
     run, ckpt = _spoiled_copy(checkpointed_run, tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"state": _RunsCode(marker)}, ckpt / victim)
+    write_marker(ckpt, int(ckpt.name.split("-")[1]))  # checksums are no signature: the marker is rewritten too
     before = _files(run)
     out = run_cli(*ARGS, "--epochs", "1", "--output-dir", tmp_path, "--run-name", "r", "--resume", "auto")
     assert out.returncode == 2 and "is refused" in out.stderr and "could run code" in out.stderr, out.stderr[-2000:]
@@ -103,8 +105,8 @@ def test_a_truncated_checkpoint_is_refused_and_the_run_is_kept(checkpointed_run,
     data = (ckpt / victim).read_bytes()
     (ckpt / victim).write_bytes(data[: len(data) // 2])
     before = _files(run)
-    out = run_cli(*ARGS, "--epochs", "1", "--output-dir", tmp_path, "--run-name", "r", "--resume", "auto")
-    assert out.returncode == 2 and "truncated or corrupt" in out.stderr and victim in out.stderr, out.stderr[-2000:]
+    out = run_cli(*ARGS, "--epochs", "1", "--output-dir", tmp_path, "--run-name", "r", "--resume", ckpt)
+    assert out.returncode == 2 and "truncated or altered" in out.stderr and victim in out.stderr, out.stderr[-2000:]
     assert "--resume PATH" in out.stderr and "Traceback" not in out.stderr
     assert _files(run) == before
 
