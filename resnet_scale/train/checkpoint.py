@@ -16,19 +16,18 @@ import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
-from typing import Any
 
 from accelerate import Accelerator
 
 from resnet_scale.config import Config, ConfigError, TrainConfig
+from resnet_scale.train.signals import uninterrupted
 from resnet_scale.train.state import LoopState
 
 CHECKPOINTS = "checkpoints"
 _MARKER = "COMPLETE"
 #: Exit status of a run that saved a checkpoint and stopped because it was asked to (SIGTERM,
-#: SIGUSR1): EX_TEMPFAIL, "try again later" — resume with --resume auto.
+#: SIGUSR1, a first Ctrl-C): EX_TEMPFAIL, "try again later" — resume with --resume auto.
 EXIT_PREEMPTED = 75
 
 
@@ -66,13 +65,14 @@ def save_checkpoint(accelerator: Accelerator, run_path: Path, step: int, loop_st
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "loop_state.json").write_text(json.dumps(loop_state.to_dict(), indent=2) + "\n")
-        (tmp / _MARKER).write_text(f"step {step}\n")
-        if final.exists():  # the same step saved again (epoch end right after a step checkpoint)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(run_path)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        with uninterrupted():  # a second Ctrl-C waits for the rename: never between rmtree and replace
+            (tmp / "loop_state.json").write_text(json.dumps(loop_state.to_dict(), indent=2) + "\n")
+            (tmp / _MARKER).write_text(f"step {step}\n")
+            if final.exists():  # the same step saved again (epoch end right after a step checkpoint)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(run_path)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -180,23 +180,3 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
         raise ConfigError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
                           "resume from an earlier one with --resume PATH.") from None
     return loop_state
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checks it after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
