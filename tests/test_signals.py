@@ -74,6 +74,34 @@ def _lines(text: str, start: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(start)]
 
 
+def _let_handlers_run():
+    for _ in range(100):  # Python runs a signal's handler between bytecodes of the main thread
+        time.sleep(0.001)
+
+
+def test_a_second_ctrl_c_waits_while_a_checkpoint_is_renamed():
+    """In this process: the first Ctrl-C only asks the loop to stop; a second one inside
+    uninterrupted() (where save_checkpoint names the finished checkpoint and prunes old ones) takes
+    effect when the block is done, not halfway. train() called from Python (not the CLI) gets a
+    KeyboardInterrupt then, instead of the process ending."""
+    from resnet_scale.train.signals import StopFlag, uninterrupted
+
+    flag = StopFlag().install()
+    done = []
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        _let_handlers_run()
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                _let_handlers_run()
+                done.append("renamed")
+        assert done == ["renamed"]
+    finally:
+        flag.restore()
+
+
 def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_75(tmp_path):
     sent = []
 
@@ -152,7 +180,8 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path):
     out = _train_watched([*ARGS, "--output-dir", tmp_path / "out", "--run-name", "r"], ctrl_c_while_importing,
                          fresh=True)
     assert out.returncode == EXIT_INTERRUPTED, out.stderr[-3000:]
-    assert out.stderr.strip() == "resnet-scale train: interrupted (Ctrl-C) before training started; nothing was trained."
+    assert out.stderr.splitlines() == ["resnet-scale train: interrupted (Ctrl-C) before training started; "
+                                       "nothing was trained."]
     assert not (tmp_path / "out" / "r").exists()
 
 

@@ -45,6 +45,8 @@ def _hold(signum, frame) -> None:
     KeyboardInterrupt); a second one exits at once."""
     _held.append(signum)
     if len(_held) > 1:
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, b"resnet-scale train: interrupted again (Ctrl-C) before training started; stopped at once.\n")
         os._exit(130)
 
 
@@ -54,20 +56,25 @@ _held: list[int] = []
 def run(ns: argparse.Namespace) -> int:
     """Train; a Ctrl-C before (or after) the loop is one line and exit 130, whatever it cut short."""
     _held.clear()
-    signal.signal(signal.SIGINT, _hold)
-    from resnet_scale.train.signals import EXIT_INTERRUPTED, catch_interrupts, interrupted, interrupted_line
-
+    previous = signal.signal(signal.SIGINT, _hold)
     try:
-        catch_interrupts(held=len(_held))
-        return _run(ns)
-    except KeyboardInterrupt:
-        pass
-    except Exception:
-        if not interrupted():
-            raise
-        # After a Ctrl-C, e.g. a collective whose peer stopped at it: the interruption's echo.
-    _say(f"resnet-scale train: {interrupted_line()}", everyone=False)
-    return EXIT_INTERRUPTED
+        from resnet_scale.train import signals
+
+        try:
+            signals.catch_interrupts(held=len(_held))
+            return _run(ns)
+        except KeyboardInterrupt:
+            pass
+        except Exception:
+            if not signals.interrupted():
+                raise
+            # After a Ctrl-C, e.g. a collective whose peer stopped at it: the interruption's echo.
+        finally:
+            signals.release_interrupts()
+        _say(f"resnet-scale train: {signals.interrupted_line()}", everyone=False)
+        return signals.EXIT_INTERRUPTED
+    finally:  # a caller in the same process (a test) gets its own Ctrl-C handling back
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run(ns: argparse.Namespace) -> int:

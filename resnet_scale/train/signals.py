@@ -39,6 +39,7 @@ class _State:
     looped = False  # the loop has started in this process
     holding = 0  # depth of uninterrupted() sections
     exit_pending = False  # a second Ctrl-C came inside one
+    cli = False  # ``resnet-scale train``: a second Ctrl-C ends the process (train() from Python: KeyboardInterrupt)
 
 
 _state = _State()
@@ -58,6 +59,9 @@ def _say(text: str) -> None:
 
 
 def _exit_at_once() -> None:
+    _state.exit_pending = False
+    if not _state.cli:  # train() called from Python (a notebook): its caller decides
+        raise KeyboardInterrupt
     _say("resnet-scale train: interrupted again (Ctrl-C): stopped at once; every complete checkpoint is "
          "intact (a half-written one is never resumed from): continue with --resume auto.")
     for stream in (sys.stdout, sys.stderr):
@@ -89,10 +93,15 @@ def catch_interrupts(held: int = 0) -> None:
     """Ctrl-C before the loop: KeyboardInterrupt (the CLI turns it into one line and exit 130); a
     second one exits at once. Called first thing by ``resnet-scale train`` (main thread only);
     ``held``: the Ctrl-Cs that came while it imported this module, acted on now."""
-    _state.interrupts, _state.looped = held, False
+    _state.interrupts, _state.looped, _state.cli = held, False, True
     signal.signal(signal.SIGINT, _handle)
     if held:
         raise KeyboardInterrupt
+
+
+def release_interrupts() -> None:
+    """The CLI is done (its caller may be a test in the same process): a second Ctrl-C no longer ends it."""
+    _state.cli = False
 
 
 def interrupted() -> bool:
@@ -134,7 +143,7 @@ class StopFlag:
         return _state.stop
 
     def install(self) -> "StopFlag":
-        _state.stop = False
+        _state.stop, _state.interrupts = False, 0  # a Ctrl-C before this one ended the setup (KeyboardInterrupt)
         _state.graceful += 1
         _state.looped = True
         for sig in self.SIGNALS:
