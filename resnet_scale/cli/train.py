@@ -61,14 +61,15 @@ def run(ns: argparse.Namespace) -> int:
         from resnet_scale.train import signals
 
         try:
-            signals.catch_interrupts(held=len(_held))
-            return _run(ns)
+            try:
+                signals.catch_interrupts(held=len(_held))
+                return _run(ns)
+            except Exception:
+                if not signals.interrupted():  # (a pending Ctrl-C may raise here: the outer try takes it)
+                    raise
+                # After a Ctrl-C, e.g. a collective whose peer stopped at it: the interruption's echo.
         except KeyboardInterrupt:
             pass
-        except Exception:
-            if not signals.interrupted():
-                raise
-            # After a Ctrl-C, e.g. a collective whose peer stopped at it: the interruption's echo.
         finally:
             signals.release_interrupts()
         _say(f"resnet-scale train: {signals.interrupted_line()}", everyone=False)

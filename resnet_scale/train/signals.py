@@ -8,10 +8,10 @@
   SIGTERM and SIGUSR1 may come more than once (SLURM signals every process of a step, and torchrun
   passes its own on as well); they only ask again.
 * A second Ctrl-C (or a SIGTERM after a Ctrl-C) exits at once with 130, without waiting for the
-  step or the checkpoint in progress. A checkpoint being written lives in a hidden temporary folder that no
-  resume picks, and no complete checkpoint is touched: only while the main process gives a
-  finished checkpoint its name and removes the oldest (:func:`uninterrupted`) does the exit wait
-  until that is done.
+  step or the checkpoint in progress. A checkpoint being written lives in a hidden temporary
+  folder that no resume picks, and no complete checkpoint is touched: only while the main process
+  gives a finished checkpoint its name and removes the oldest (:func:`uninterrupted`) does the
+  exit wait until that is done. ``train()`` called from Python gets a KeyboardInterrupt instead.
 
 Under torchrun the training processes run in sessions of their own, so a Ctrl-C in the terminal
 reaches torchrun only, which passes one SIGINT to every process: each of them stops after the
@@ -85,7 +85,7 @@ def _handle(signum: int, frame: Any) -> None:
         if not _state.graceful:
             raise KeyboardInterrupt
         _say("resnet-scale: Ctrl-C: finishing this step and saving a checkpoint "
-             "(Ctrl-C again stops at once, without it)")
+             "(Ctrl-C again stops at once, without this checkpoint)")
     _state.stop = True
 
 
