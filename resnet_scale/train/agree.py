@@ -16,7 +16,7 @@ raise :class:`PeerFailed`, which the CLI ends quietly with exit status 1.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from accelerate import Accelerator
 
@@ -77,6 +77,8 @@ def agreed(accelerator: Accelerator) -> Iterator[None]:
     # collective can abort while gloo's threads still hold its buffers.
     accelerator.wait_for_everyone()
     rank, outcome = first
-    if error is not None and outcome[0] == "failed" and rank == accelerator.process_index:
-        raise error  # the bug, with its traceback, where it happened
+    if rank == accelerator.process_index:  # this process's own error, with its traceback
+        if outcome[0] != "failed":
+            error.agreed = True  # type: ignore[union-attr]
+        raise error
     raise _rebuild(outcome, rank) from None

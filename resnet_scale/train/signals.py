@@ -26,7 +26,8 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 #: Exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a program Ctrl-C stopped.
 EXIT_INTERRUPTED = 130
