@@ -1,5 +1,10 @@
 import sys
 
-from resnet_scale.cli import main
+try:
+    from resnet_scale.cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # Ctrl-C before a subcommand catches it (while Python imports the package)
+    print("resnet-scale: interrupted (Ctrl-C)", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -106,8 +106,10 @@ class CliServer:
             raise RuntimeError(f"the test CLI server exited with status {self.proc.wait()}")
         return answer
 
-    def run(self, argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        """``subprocess.run([python, -m, resnet_scale, *argv], capture_output=True, text=True, ...)``."""
+    def run(self, argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
+            watch=None) -> subprocess.CompletedProcess:
+        """``subprocess.run([python, -m, resnet_scale, *argv], capture_output=True, text=True, ...)``;
+        ``watch(pid, stderr_path)``, when given, is called once the child runs (e.g. to signal it)."""
         cmd = [sys.executable, "-m", "resnet_scale", *argv]
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
@@ -116,6 +118,8 @@ class CliServer:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             pid = self._answer(timeout=60)["pid"]
+            if watch is not None:
+                watch(pid, err)
             try:
                 status = self._answer(timeout=timeout)["status"]
             except queue.Empty:
@@ -134,12 +138,13 @@ class CliServer:
 _server: CliServer | None = None
 
 
-def run_module(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_module(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
+               watch=None) -> subprocess.CompletedProcess:
     """Run ``python -m resnet_scale ARGV`` in a child forked from the (shared) server."""
     global _server
     if _server is None or _server.proc.poll() is not None:
         _server = CliServer(env)
-    return _server.run(argv, env=env, cwd=cwd, timeout=timeout)
+    return _server.run(argv, env=env, cwd=cwd, timeout=timeout, watch=watch)
 
 
 if __name__ == "__main__":

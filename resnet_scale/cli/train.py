@@ -3,8 +3,11 @@
 
 Exit status: 0 done; 1 out of memory even at a micro-batch of one, or the run's files could not
 be written; 2 bad input (one line, before anything is changed); 4 stopped after too many
-non-finite steps; 75 pre-empted (SIGTERM/SIGUSR1): a checkpoint was saved, ``--resume auto``
-continues.
+non-finite steps; 75 pre-empted (SIGTERM/SIGUSR1, or a first Ctrl-C): a checkpoint was saved,
+``--resume auto`` continues; 130 interrupted (Ctrl-C before training started, or a second Ctrl-C).
+
+With several processes an error they all agreed on (``train/agree.py``) and the pre-emption are
+reported by the main process only; a process stopped by its peer's failure ends quietly.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import signal
 import sys
 
 from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
@@ -27,7 +32,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str, *, everyone: bool = True) -> None:
+    """One line on stderr: from every process that has it, or (``everyone=False``: a line every
+    process has) from the main process only."""
+    if everyone or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
+def _hold(signum, frame) -> None:
+    """SIGINT while Python imports torch and the trainer: held until the imports are done (a
+    KeyboardInterrupt inside an import can leave a module half-made, and what fails next is not a
+    KeyboardInterrupt); a second one exits at once."""
+    _held.append(signum)
+    if len(_held) > 1:
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, b"resnet-scale train: interrupted again (Ctrl-C) before training started; stopped at once.\n")
+        os._exit(130)
+
+
+_held: list[int] = []
+
+
 def run(ns: argparse.Namespace) -> int:
+    """Train; a Ctrl-C before (or after) the loop is one line and exit 130, whatever it cut short."""
+    _held.clear()
+    previous = signal.signal(signal.SIGINT, _hold)
+    try:
+        from resnet_scale.train import signals
+
+        try:
+            try:
+                signals.catch_interrupts(held=len(_held))
+                return _run(ns)
+            except Exception:
+                if not signals.interrupted():  # (a pending Ctrl-C may raise here: the outer try takes it)
+                    raise
+                # After a Ctrl-C, e.g. a collective whose peer stopped at it: the interruption's echo.
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signals.release_interrupts()
+        _say(f"resnet-scale train: {signals.interrupted_line()}", everyone=False)
+        return signals.EXIT_INTERRUPTED
+    finally:  # a caller in the same process (a test) gets its own Ctrl-C handling back
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(ns: argparse.Namespace) -> int:
     """Validate the flags, train, and map every known way a run ends to its exit status."""
     from resnet_scale.data import DataError
     from resnet_scale.tracking import TrackingError
@@ -36,6 +87,7 @@ def run(ns: argparse.Namespace) -> int:
     # apply_* transforms and the planner say what they did through this logger (main process only).
     logging.basicConfig(format="resnet-scale: %(message)s", level=logging.WARNING)
     logging.getLogger("resnet_scale").setLevel(logging.INFO)
+    from resnet_scale.train.agree import PeerFailed
     from resnet_scale.train.checkpoint import EXIT_PREEMPTED, Preempted
     from resnet_scale.train.control import EXIT_NONFINITE, NonFiniteError
     from resnet_scale.train.oom import OutOfMemoryUnrecoverable
@@ -44,11 +96,13 @@ def run(ns: argparse.Namespace) -> int:
         cfg = config_from_args(ns).validate()
         train(cfg)
     except (ConfigError, DataError, TrackingError) as err:
-        print(f"resnet-scale train: error: {err}", file=sys.stderr)
+        _say(f"resnet-scale train: error: {err}", everyone=not getattr(err, "agreed", False))
         return EXIT_BAD_INPUT
-    except Preempted as stop:
-        print(f"resnet-scale train: {stop}", file=sys.stderr)
+    except Preempted as stop:  # every process saved its part of the checkpoint and stops
+        _say(f"resnet-scale train: {stop}", everyone=False)
         return EXIT_PREEMPTED
+    except PeerFailed:  # another process failed and says why
+        return 1
     except NonFiniteError as err:
         print(f"resnet-scale train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -57,10 +111,12 @@ def run(ns: argparse.Namespace) -> int:
         return 1
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            if getattr(err, "agreed", False) and os.environ.get("RANK", "0") != "0":
+                return 1  # the main process's error: it reports it
             raise
-        print(f"resnet-scale train: error: {err}. The run's files could not be written: free disk space or "
-              "choose another --output-dir; the newest complete checkpoint is still valid (--resume auto).",
-              file=sys.stderr)
+        _say(f"resnet-scale train: error: {err}. The run's files could not be written: free disk space or "
+             "choose another --output-dir; the newest complete checkpoint is still valid (--resume auto).",
+             everyone=not getattr(err, "agreed", False))
         return 1
     return 0
 

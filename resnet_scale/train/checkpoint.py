@@ -19,22 +19,21 @@ import logging
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
-from typing import Any
 
 from accelerate import Accelerator
 
 from resnet_scale.config import Config, ConfigError, TrainConfig
 from resnet_scale.train.integrity import MARKER as _MARKER
 from resnet_scale.train.integrity import Damaged, check_files, printable, refused_pickle, write_marker
+from resnet_scale.train.signals import uninterrupted
 from resnet_scale.train.state import LoopState
 
 logger = logging.getLogger("resnet_scale")
 
 CHECKPOINTS = "checkpoints"
 #: Exit status of a run that saved a checkpoint and stopped because it was asked to (SIGTERM,
-#: SIGUSR1): EX_TEMPFAIL, "try again later" — resume with --resume auto.
+#: SIGUSR1, a first Ctrl-C): EX_TEMPFAIL, "try again later" — resume with --resume auto.
 EXIT_PREEMPTED = 75
 
 
@@ -72,16 +71,17 @@ def save_checkpoint(accelerator: Accelerator, run_path: Path, step: int, loop_st
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "loop_state.json").write_text(json.dumps(loop_state.to_dict(), indent=2) + "\n")
-        write_marker(tmp, step)  # every rank's files are in tmp now: sizes and digests of all of them
-        if final.exists():  # the same step saved again (epoch end right after a step checkpoint)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        # The oldest go, never the one just saved: a run resumed from an older checkpoint (a newer one
-        # was damaged, or --resume PATH) may have newer ones of the abandoned trajectory around.
-        others = [p for p in checkpoint_dirs(run_path) if p != final]
-        for old in others[:len(others) - (keep - 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+        with uninterrupted():  # a second Ctrl-C waits for the rename: never between rmtree and replace
+            (tmp / "loop_state.json").write_text(json.dumps(loop_state.to_dict(), indent=2) + "\n")
+            write_marker(tmp, step)  # every rank's files are in tmp now: sizes and digests of all of them
+            if final.exists():  # the same step saved again (epoch end right after a step checkpoint)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            # The oldest go, never the one just saved: a run resumed from an older checkpoint (a newer one
+            # was damaged, or --resume PATH) may have newer ones of the abandoned trajectory around.
+            others = [p for p in checkpoint_dirs(run_path) if p != final]
+            for old in others[:len(others) - (keep - 1)]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -261,23 +261,3 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
         raise ConfigError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
                           "resume from an earlier one with --resume PATH.") from None
     return loop_state
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checks it after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

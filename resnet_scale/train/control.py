@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from resnet_scale.train.checkpoint import StopFlag
+from resnet_scale.train.signals import StopFlag
 from resnet_scale.train.step import StepResult
 
 logger = logging.getLogger("resnet_scale")

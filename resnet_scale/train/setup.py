@@ -35,6 +35,7 @@ from resnet_scale.models import build_resnet, count_parameters, count_weighted_l
 from resnet_scale.planner import plan_for_training
 from resnet_scale.tracking import build_tracker, check_tracker
 from resnet_scale.tracking.environment import environment_info
+from resnet_scale.train.agree import agreed
 from resnet_scale.train.checkpoint import elastic_train_config, load_checkpoint, resolve_resume
 from resnet_scale.train.optim import build_optimizer, build_scheduler
 from resnet_scale.train.progress import Progress
@@ -139,16 +140,16 @@ def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any]) -
         logger.info(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
                     + (f"resuming from {resume_from}" if resume_from else "no checkpoint yet, starting the run over"))
     state = load_checkpoint(accelerator, resume_from) if resume_from else LoopState()
-    if main:
-        if resume_from:
-            folder.reopen(metrics_lines=state.metrics_lines)
-        elif restarted and (folder.path / "config.json").is_file():  # the same run, restarted before a checkpoint
-            folder.reopen(metrics_lines=0)
-            folder.write_config(cfg, saved)
-        else:
-            folder.create()
-            folder.write_config(cfg, saved)
-    accelerator.wait_for_everyone()
+    with agreed(accelerator):  # e.g. the folder already holds a run: only the main process sees it, all stop
+        if main:
+            if resume_from:
+                folder.reopen(metrics_lines=state.metrics_lines)
+            elif restarted and (folder.path / "config.json").is_file():  # the same run, restarted before a checkpoint
+                folder.reopen(metrics_lines=0)
+                folder.write_config(cfg, saved)
+            else:
+                folder.create()
+                folder.write_config(cfg, saved)
     return folder, state
 
 
@@ -163,7 +164,8 @@ def set_up(cfg: Config) -> Run:
     set_seed(cfg.train.seed)
     _set_determinism(cfg)
 
-    train_set, test_set = _build_data(cfg)
+    with agreed(accelerator):  # a file one process cannot read stops every process
+        train_set, test_set = _build_data(cfg)
     layers, _ = cfg.layers()
     model = build_resnet(cfg.model.block, cfg.model.depth, stem=cfg.stem(), num_classes=len(train_set.classes),
                          layers=cfg.model.layers, zero_init_residual=cfg.model.zero_init_residual)
@@ -207,9 +209,11 @@ def set_up(cfg: Config) -> Run:
     if main and t.tracker == "auto" and tracker_kind == "none":
         logger.info("tracking: W&B is not installed, metrics go to the run folder only "
                     "(pip install 'resnet-scale[wandb]')")
-    tracker = build_tracker(tracker_kind, is_main=main, run_dir=folder.path, config={"config": cfg.to_dict(), **saved},
-                            project=t.wandb_project, entity=t.wandb_entity, group=t.run_group,
-                            tags=list(t.tags or []), run_name=folder.path.name, resume_id=state.tracker_run_id)
+    with agreed(accelerator):  # the tracker starts on the main process only
+        tracker = build_tracker(tracker_kind, is_main=main, run_dir=folder.path,
+                                config={"config": cfg.to_dict(), **saved}, project=t.wandb_project,
+                                entity=t.wandb_entity, group=t.run_group, tags=list(t.tags or []),
+                                run_name=folder.path.name, resume_id=state.tracker_run_id)
 
     progress = Progress(total_steps, enabled=main)
     progress.message(
