@@ -15,7 +15,8 @@ import logging
 import sys
 
 from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
-from resnet_scale.config import ConfigError, add_config_arguments, config_from_args
+from resnet_scale.config import ConfigError, add_config_arguments, config_from_args, given_fields
+from resnet_scale.config.compare import parse_overrides
 
 NAME = "train"
 HELP = "train a ResNet (one process, or many under accelerate launch / torchrun)"
@@ -42,7 +43,7 @@ def run(ns: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(ns).validate()
-        train(cfg)
+        train(cfg, given=given_fields(ns), overrides=parse_overrides(ns.override))
     except (ConfigError, DataError, TrackingError) as err:
         print(f"resnet-scale train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
