@@ -25,6 +25,12 @@ DESCRIPTION = "Train a ResNet. --batch-size is the global batch over all process
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(parser)
+    parser.add_argument(
+        "--override", metavar="NAME[,NAME]", default=None,
+        help="With --resume: let these settings differ from the run's config.json from the resumed step on "
+             "(e.g. --override lr --lr 0.01); config.json records each change and its step. Without it a "
+             "resumed run refuses flags that would change what it trains.",
+    )
     return parser
 
 

@@ -20,6 +20,7 @@ from resnet_scale.config.values import coerce_value, field_type
 #: Train settings a config file does not set: a file says how to train, the command line which run.
 _NOT_FROM_FILES = ("run_name", "resume")
 
+
 def flag_name(f: dataclasses.Field) -> str:
     return "--" + f.metadata.get("flag", f.name).replace("_", "-")
 
@@ -51,12 +52,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Con
         help="YAML or JSON config (as saved in a run's config.json); flags given here win. A file never "
              "names the run or resumes it (its run_name and resume are not used): replaying a run's config.json "
              "starts a new run; --run-name and --resume say which run.",
-    )
-    parser.add_argument(
-        "--override", metavar="NAME[,NAME]", default=None,
-        help="With --resume: let these settings differ from the run's config.json from the resumed step on "
-             "(e.g. --override lr --lr 0.01); config.json records each change and its step. Without it a "
-             "resumed run refuses flags that would change what it trains.",
     )
     defaults = config_cls()
     for section in dataclasses.fields(config_cls):
