@@ -154,6 +154,7 @@ def test_from_dict_refuses_unknown_keys_and_wrong_types(change, message):
 
 def test_a_resume_from_a_bad_loop_state_is_refused_and_changes_nothing(runs, tmp_path):
     shutil.copytree(runs / "saved", tmp_path / "saved")
+    (tmp_path / "saved" / "summary.json").unlink()  # a stopped run: a finished one is never resumed from PATH
     checkpoint = checkpoint_dirs(tmp_path / "saved")[0]
     saved = json.loads((checkpoint / "loop_state.json").read_text())
     (checkpoint / "loop_state.json").write_text(json.dumps({**saved, "surprise": 1}))

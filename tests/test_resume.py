@@ -98,10 +98,13 @@ def test_resume_refusals_keep_what_was_saved(tmp_path):
     bogus.mkdir()
     out = run_cli(*ARGS, "--output-dir", tmp_path, "--resume", bogus)
     assert out.returncode == 2 and "not a complete checkpoint" in out.stderr
-    # A finished run without checkpoints: --resume auto would start over in its folder; refused.
+    # A finished run without checkpoints: --resume auto (its --max-steps taken from its config.json) has
+    # nothing to do, says so and changes nothing; without --resume the name is refused.
     assert run_cli(*ARGS[:-4], "--tracker", "none", "--output-dir", tmp_path, "--run-name", "done",
                    "--max-steps", "2").returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir() if p.is_file()}
     out = run_cli(*ARGS[:-4], "--tracker", "none", "--output-dir", tmp_path, "--run-name", "done", "--resume", "auto")
+    assert out.returncode == 0 and "is finished (2 steps" in out.stderr, out.stderr[-2000:]
+    out = run_cli(*ARGS[:-4], "--tracker", "none", "--output-dir", tmp_path, "--run-name", "done")
     assert out.returncode == 2 and "already holds a run" in out.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir() if p.is_file()} == before

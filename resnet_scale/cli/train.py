@@ -20,7 +20,8 @@ import signal
 import sys
 
 from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
-from resnet_scale.config import ConfigError, add_config_arguments, config_from_args
+from resnet_scale.config import ConfigError, add_config_arguments, config_from_args, given_fields
+from resnet_scale.config.compare import parse_overrides
 
 NAME = "train"
 HELP = "train a ResNet (one process, or many under accelerate launch / torchrun)"
@@ -29,6 +30,12 @@ DESCRIPTION = "Train a ResNet. --batch-size is the global batch over all process
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(parser)
+    parser.add_argument(
+        "--override", metavar="NAME[,NAME]", default=None,
+        help="With --resume: let these settings differ from the run's config.json from the resumed step on "
+             "(e.g. --override lr --lr 0.01); config.json records each change and its step. Without it a "
+             "resumed run refuses flags that would change what it trains.",
+    )
     return parser
 
 
@@ -94,7 +101,7 @@ def _run(ns: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(ns).validate()
-        train(cfg)
+        train(cfg, given=given_fields(ns), overrides=parse_overrides(ns.override))
     except (ConfigError, DataError, TrackingError) as err:
         _say(f"resnet-scale train: error: {err}", everyone=not getattr(err, "agreed", False))
         return EXIT_BAD_INPUT

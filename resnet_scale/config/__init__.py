@@ -7,6 +7,7 @@ the checks that refuse settings which cannot work, and the run-name rule.
 * ``args.py`` -- every field becomes one flag (``--batch-size``), so nothing is listed twice.
 * ``checks.py`` -- ``Config.validate()``: each refusal names the numbers and what to change.
 * ``values.py`` -- one value read from a flag or a file, typed by its field.
+* ``compare.py`` -- which settings a resumed run may change (the run's config is the resume's config).
 * ``names.py`` -- what a run folder may be called and the name a run gets by default.
 * ``errors.py`` -- :class:`ConfigError`.
 
@@ -32,7 +33,7 @@ from resnet_scale.config.schema import (
     TrainConfig,
     load_config_file,
 )
-from resnet_scale.config.args import add_config_arguments, config_from_args, config_to_argv, flag_name
+from resnet_scale.config.args import add_config_arguments, config_from_args, config_to_argv, flag_name, given_fields
 from resnet_scale.config.names import check_run_name, default_run_name
 from resnet_scale.config.values import coerce_value
 
@@ -59,5 +60,6 @@ __all__ = [
     "config_to_argv",
     "default_run_name",
     "flag_name",
+    "given_fields",
     "load_config_file",
 ]

@@ -236,8 +236,9 @@ class TrainConfig:
     requeue: bool = _f(False, "Under SLURM: after the checkpoint on SIGTERM/SIGUSR1, put the job back in the "
                               "queue (scontrol requeue $SLURM_JOB_ID); pair it with --resume auto.")
     resume: Optional[str] = _f(
-        None, "Continue a run: 'auto' = the newest complete checkpoint of --run-name (a fresh start if "
-        "there is none), or a checkpoint folder <run>/checkpoints/step-N."
+        None, "Continue a run with its own config.json: 'auto' = the newest complete checkpoint of --run-name "
+        "(none yet: the run starts over in its folder; a finished run: nothing to do), or a checkpoint folder "
+        "<run>/checkpoints/step-N. A flag that changes what the run trains needs --override."
     )
     log_every: int = _f(10, "Write a train metrics line every N optimizer steps.")
     eval_every: int = _f(1, "Evaluate on the test split every N epochs (and always at the end).")

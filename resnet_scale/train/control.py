@@ -22,11 +22,14 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from resnet_scale.config import Config
 from resnet_scale.train.signals import StopFlag
 from resnet_scale.train.step import StepResult
 
@@ -49,7 +52,8 @@ class Decision:
 
 class LoopControl:
     def __init__(self, accelerator: Accelerator, *, every_steps: int | None, every_minutes: float | None,
-                 max_bad_steps: int, deepspeed: bool, bad_steps: int = 0):
+                 max_bad_steps: int, deepspeed: bool, bad_steps: int = 0,
+                 advice: Callable[[int], str] | None = None):
         self.accelerator = accelerator
         self.every_steps = every_steps
         self.every_seconds = every_minutes * 60 if every_minutes else None
@@ -57,6 +61,8 @@ class LoopControl:
         self.deepspeed = deepspeed
         self.bad_steps = bad_steps  # in the whole run (a resumed run carries it on)
         self.bad_in_a_row = 0
+        self.advice = advice or (lambda first_bad: "lower --lr or set --max-grad-norm, then --resume auto from the "
+                                                   "newest checkpoint")  # what to change: see resume_advice
         self.last_save = time.monotonic()
         self.stop_flag = StopFlag().install()
 
@@ -85,16 +91,15 @@ class LoopControl:
         self.bad_steps += 1
         self.bad_in_a_row += 1
         what = f"step {step}: the loss or gradient is not finite (loss sum {float(result.loss_sum):.4g} on this rank)"
-        advice = "lower --lr, add --max-grad-norm 1.0, or use --precision fp32/bf16 instead of fp16"
         if self.deepspeed:
             raise NonFiniteError(
-                f"{what}; DeepSpeed applied the update inside backward, so the weights cannot be trusted and "
-                f"nothing is saved. Resume from the newest checkpoint (--resume auto) and {advice}.")
+                f"{what}; DeepSpeed applied the update inside backward, so the weights of step {step} cannot be "
+                f"trusted and nothing is saved. {self.advice(step)}")
         if self.bad_in_a_row >= self.max_bad_steps:
             raise NonFiniteError(
                 f"{what}, {self.bad_in_a_row} steps in a row (--max-bad-steps {self.max_bad_steps}); every one's "
-                f"update was skipped, so the weights and checkpoints stay finite. Stopping: {advice}, then "
-                "--resume auto from the newest checkpoint.")
+                f"update was skipped, so the weights stayed finite. Stopping. "
+                f"{self.advice(step - self.bad_in_a_row + 1)}")
         if self.accelerator.is_main_process:
             logger.warning(f"{what}; its update was skipped ({self.bad_in_a_row} in a row, the run stops at "
                            f"--max-bad-steps {self.max_bad_steps}).")
@@ -106,9 +111,43 @@ class LoopControl:
         self.stop_flag.restore()
 
 
-def check_finite_weights(model: torch.nn.Module, accelerator: Accelerator, what: str) -> None:
+def resume_advice(cfg: Config, precision: str, checkpoints: list[Path], first_bad: int | None = None) -> str:
+    """What to do after a non-finite stop: which checkpoint to continue from (every checkpoint holds
+    finite weights: none is written otherwise) and what to change, as the flags are set in this run.
+    ``first_bad``: the first step of a run of skipped non-finite steps. A checkpoint saved after the
+    step before it holds the very weights those steps started from: resumed with only a lower --lr,
+    the same batch would go non-finite again, so an earlier checkpoint is named."""
+    o = cfg.optim
+    change = [f"a lower --lr than this run's {o.lr:g}"]
+    if o.max_grad_norm is None:
+        change.append("--max-grad-norm 1.0 (this run does not clip gradients)")
+    else:
+        change.append(f"a lower --max-grad-norm than this run's {o.max_grad_norm:g}")
+    if precision != "fp32":
+        change.append(f"--precision {'bf16 or fp32' if precision == 'fp16' else 'fp32'} instead of {precision}")
+    options = " and/or ".join(change)
+    if not checkpoints:
+        return f"No checkpoint was saved before this step; start a new run with {options}."
+    step = {p: int(p.name.split("-")[-1]) for p in checkpoints}
+    start, newest = checkpoints[-1], checkpoints[-1]
+    where = f"The newest checkpoint, {newest} (step {step[newest]}), holds finite weights"
+    if first_bad is not None and step[newest] >= first_bad - 1:
+        earlier = [p for p in checkpoints if step[p] < first_bad - 1]
+        where += f", but the non-finite steps {first_bad}.. started from those very weights"
+        if not earlier:
+            return f"{where} and no earlier checkpoint is kept; start a new run with {options}."
+        start = earlier[-1]
+        where += f"; the one before them is {start} (step {step[start]})"
+    resume = "--resume auto" if start == newest else f"--resume {start}"
+    return (f"{where}. Continue from it with {options}, naming each setting you change, e.g. {resume} "
+            f"--override lr --lr {o.lr / 10:g}.")
+
+
+def check_finite_weights(model: torch.nn.Module, accelerator: Accelerator, what: str,
+                         advice: str | None = None) -> None:
     """Raise NonFiniteError unless every parameter and buffer is finite on every rank (a
-    collective with several processes; ZeRO-3's shards are checked where they live)."""
+    collective with several processes; ZeRO-3's shards are checked where they live). ``advice``:
+    what to do then (``resume_advice``)."""
     bad = torch.zeros((), device=accelerator.device)
     for tensor in list(model.parameters()) + list(model.buffers()):
         local = getattr(tensor, "ds_tensor", None)  # a ZeRO-3 partition: the data lives here
@@ -119,7 +158,8 @@ def check_finite_weights(model: torch.nn.Module, accelerator: Accelerator, what:
         bad = accelerator.reduce(bad, reduction="sum")
     if float(bad) > 0:
         raise NonFiniteError(f"the weights are not finite; {what} was not saved (earlier checkpoints are kept). "
-                             "Resume from the newest checkpoint (--resume auto) with a lower --lr or --max-grad-norm.")
+                             + (advice or "Resume from the newest checkpoint (--resume auto) with a lower --lr "
+                                          "or --max-grad-norm."))
 
 
 def requeue_slurm_job() -> str:

@@ -7,7 +7,8 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
-from resnet_scale.train.control import check_finite_weights
+from resnet_scale.train.checkpoint import checkpoint_dirs
+from resnet_scale.train.control import check_finite_weights, resume_advice
 from resnet_scale.train.metrics import peak_memory_bytes
 from resnet_scale.train.setup import Run
 from resnet_scale.train.state import LoopState
@@ -46,7 +47,8 @@ def finish(run: Run, state: LoopState, *, oom_events: list[dict[str, int]],
     accelerator, cfg = run.accelerator, run.cfg
     summary = summarize(run, state, oom_events)
     accelerator.wait_for_everyone()
-    check_finite_weights(run.model, accelerator, "model.safetensors")
+    check_finite_weights(run.model, accelerator, f"model.safetensors (step {state.step})",
+                         resume_advice(cfg, run.memory.precision, checkpoint_dirs(run.folder.path)))
     state_dict = accelerator.get_state_dict(run.model)  # a collective under ZeRO-3: gathers the shards
     samples = gather_object([seen_samples]) if cfg.distributed.record_samples else None
     if cfg.memory.oom_recovery:  # evidence that every rank switched plans at the same steps

@@ -1,5 +1,6 @@
 """Setting a run up: config checks, memory plan, accelerator, data, model, optimizer, run folder,
-tracker, and the loop state (fresh, or read from the checkpoint a resumed run continues).
+tracker, and the loop state (fresh, or read from the checkpoint a resumed run continues; a resume
+trains with the run's own config.json: ``resume.py``).
 
 Data flows one way: config -> data -> model -> accelerator -> loop -> run files. Every check that
 can refuse the run comes before anything is written.
@@ -12,7 +13,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +36,16 @@ from resnet_scale.planner import plan_for_training
 from resnet_scale.tracking import build_tracker, check_tracker
 from resnet_scale.tracking.environment import environment_info
 from resnet_scale.train.agree import agreed
-from resnet_scale.train.checkpoint import elastic_train_config, load_checkpoint, resolve_resume
+from resnet_scale.train.checkpoint import elastic_train_config, load_checkpoint
 from resnet_scale.train.optim import build_optimizer, build_scheduler
 from resnet_scale.train.progress import Progress
+from resnet_scale.train.resume import (
+    Resume,
+    check_loop_state,
+    hyperparameters,
+    open_resume,
+    restore_hyperparameters,
+)
 from resnet_scale.train.run_dir import RunDir, check_output_dir
 from resnet_scale.train.state import LoopState
 
@@ -122,42 +129,62 @@ def _check(cfg: Config) -> tuple[str, str]:
     return tracker_kind, device_type
 
 
-def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any]) -> tuple[RunDir, LoopState]:
-    """The run folder (new, or the resumed run's) and the loop state to start from."""
+def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any], resume: Resume, *, optimizer,
+                 scheduler, steps_per_epoch: int, total_steps: int) -> tuple[RunDir, LoopState]:
+    """The run folder (new, or the resumed run's) and the loop state to start from. A resume first
+    validates the checkpoint's loop state against this run and its files, then loads the checkpoint;
+    only then does the main process cut metrics.jsonl or write config.json."""
     t = cfg.train
     main = accelerator.is_main_process
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume_from = Path(t.resume) if t.resume not in (None, "auto") else None
-    if resume_from is not None:  # <output>/<run>/checkpoints/step-N
-        folder = RunDir(resume_from.resolve().parents[2], resume_from.resolve().parents[1].name)
+    if resume.path is not None:
+        folder = RunDir(resume.path.parent, resume.path.name)
     else:
         name = [t.run_name or default_run_name(cfg)]
         if accelerator.num_processes > 1:  # generated names hold the time: every rank must use the main process's
             broadcast_object_list(name)
         folder = RunDir(t.output_dir, name[0])
-    resume_from = resolve_resume(t.resume, folder.path)
+    checkpoint = resume.checkpoint
     if restarted and main:
         logger.info(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
-                    + (f"resuming from {resume_from}" if resume_from else "no checkpoint yet, starting the run over"))
-    state = load_checkpoint(accelerator, resume_from) if resume_from else LoopState()
+                    + (f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet, starting the run over"))
+    state = LoopState()
+    if checkpoint:
+        state = check_loop_state(checkpoint, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                 metrics_path=folder.metrics_path)
+        built = hyperparameters(optimizer)
+        load_checkpoint(accelerator, checkpoint)
+        restore_hyperparameters(optimizer, scheduler, built)  # this config's lr, momentum, ... (--override)
     with agreed(accelerator):  # e.g. the folder already holds a run: only the main process sees it, all stop
         if main:
-            if resume_from:
+            if checkpoint:
                 folder.reopen(metrics_lines=state.metrics_lines)
-            elif restarted and (folder.path / "config.json").is_file():  # the same run, restarted before a checkpoint
+                if resume.changes:
+                    extra = {k: v for k, v in resume.saved.items() if k != "config"}
+                    extra.update({k: saved[k] for k in ("world_size", "memory", "memory_plan")})
+                    folder.write_config(resume.recorded_config(cfg), {**extra, "overrides": resume.record(state.step)})
+            elif resume.start_over:  # killed before its first checkpoint: the same run, from step 0
+                logger.info(f"run {folder.path} has no checkpoint yet: starting it over in the same folder")
                 folder.reopen(metrics_lines=0)
-                folder.write_config(cfg, saved)
+                folder.write_config(cfg, {**saved, "overrides": resume.record(0)} if resume.changes else saved)
             else:
                 folder.create()
                 folder.write_config(cfg, saved)
     return folder, state
 
 
-def set_up(cfg: Config) -> Run:
-    """Check, plan and build everything in the order the checks need; resume if asked."""
+def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: frozenset[str] = frozenset()) -> Run:
+    """Check, plan and build everything in the order the checks need; resume if asked. A resume trains
+    with the run's config.json: ``given`` names the settings the command asked for (None: all of
+    ``cfg``), ``overrides`` those that may differ from the run's (--override). Raises RunFinished for
+    --resume auto of a finished run, before anything is built."""
+    cfg = dataclasses.replace(cfg, train=elastic_train_config(cfg))
+    resume = open_resume(cfg, given, overrides)
+    cfg = resume.cfg
     tracker_kind, device_type = _check(cfg)
     cfg, memory_plan = plan_for_training(cfg, world_size=world_size_from_env(), device_type=device_type)
     memory = resolve_memory(cfg, world_size=world_size_from_env(), device_type=device_type)
+    resume.check(cfg, precision=memory.precision, world_size=world_size_from_env())
     accelerator = build_accelerator(cfg, memory)
     main = accelerator.is_main_process
     logger.setLevel(logging.INFO if main else logging.WARNING)
@@ -170,6 +197,7 @@ def set_up(cfg: Config) -> Run:
     model = build_resnet(cfg.model.block, cfg.model.depth, stem=cfg.stem(), num_classes=len(train_set.classes),
                          layers=cfg.model.layers, zero_init_residual=cfg.model.zero_init_residual)
     num_parameters = count_parameters(model)
+    resume.check_model(num_parameters)
     weighted_layers = count_weighted_layers(cfg.model.block, layers)
 
     world = accelerator.num_processes
@@ -200,12 +228,12 @@ def set_up(cfg: Config) -> Run:
     accelerator.register_for_checkpointing(scheduler)  # save_state/load_state carry the schedule too
     offload = activation_offload(memory, accelerator.device)
 
-    cfg = dataclasses.replace(cfg, train=elastic_train_config(cfg))
     t = cfg.train
     saved = {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
              "memory_plan": memory_plan.as_dict() if memory_plan else None,
              "num_parameters": num_parameters, "weighted_layers": weighted_layers}
-    folder, state = _open_folder(cfg, accelerator, saved)
+    folder, state = _open_folder(cfg, accelerator, saved, resume, optimizer=optimizer, scheduler=scheduler,
+                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     if main and t.tracker == "auto" and tracker_kind == "none":
         logger.info("tracking: W&B is not installed, metrics go to the run folder only "
                     "(pip install 'resnet-scale[wandb]')")

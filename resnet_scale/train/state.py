@@ -7,6 +7,7 @@ reports it. The JSON keys are the dataclass's field names, in field order.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -71,6 +72,36 @@ class LoopState:
             raise ConfigError(f"loop_state.json: saved after batch {state.epoch_step} of an epoch but without "
                               "the window (the sums of the interrupted log interval)")
         return state
+
+    def check(self, *, steps_per_epoch: int, total_steps: int) -> None:
+        """Refuse (ConfigError, the reason) values that are well typed but impossible for a run of
+        ``total_steps`` steps in epochs of ``steps_per_epoch``: a position that is not a step of the run
+        or does not add up, counters beyond the step, NaN/inf or out-of-range numbers."""
+        spe = steps_per_epoch
+        if not 1 <= self.step <= total_steps:
+            raise ConfigError(f"step {self.step} is not a step of this run, which has {total_steps} steps "
+                              "(--max-steps / --epochs)")
+        if self.epoch_step > spe or self.epoch * spe + self.epoch_step != self.step:
+            raise ConfigError(f"step {self.step} is not epoch {self.epoch} x {spe} steps per epoch + batch "
+                              f"{self.epoch_step} (this run has {spe} steps per epoch: --batch-size over the "
+                              "train images)")
+        for name in ("last_logged_step", "skipped", "bad_steps"):
+            if getattr(self, name) > self.step:
+                raise ConfigError(f"{name} is {getattr(self, name)}, more than the {self.step} steps done")
+        # What the loop guarantees: clocks and accuracies are finite, the window sums only finite steps. (A test
+        # loss or a gradient norm under fp16 may be inf/NaN in a real run: not checked.)
+        numbers = {"best": self.best, "time_to_target": self.time_to_target, "train_time": self.train_time,
+                   "elapsed": self.elapsed}
+        numbers.update({f"last_eval.{k}": v for k, v in (self.last_eval or {}).items() if k != "loss"})
+        numbers.update({f"window.{k}": v for k, v in (self.window or {}).items() if k != "loss_sum"})
+        for name, value in numbers.items():
+            if value is not None and not 0 <= value < math.inf:
+                raise ConfigError(f"{name} is {_show(value)}, expected a finite number >= 0")
+        if self.window and not math.isfinite(self.window["loss_sum"]):
+            raise ConfigError(f"window.loss_sum is {_show(self.window['loss_sum'])}, expected a finite number")
+        for name, value in (("best", self.best), ("last_eval.accuracy", (self.last_eval or {}).get("accuracy"))):
+            if value is not None and value > 1:
+                raise ConfigError(f"{name} is {_show(value)}, expected an accuracy between 0 and 1")
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -17,18 +17,26 @@ from typing import Any
 import torch
 
 from resnet_scale.config import Config
-from resnet_scale.train.checkpoint import Preempted, save_checkpoint
-from resnet_scale.train.control import LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job
+from resnet_scale.train.checkpoint import Preempted, checkpoint_dirs, save_checkpoint
+from resnet_scale.train.control import (LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job,
+                                        resume_advice)
 from resnet_scale.train.finish import finish
 from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, peak_memory_bytes, reduce_sums
 from resnet_scale.train.oom import step_with_recovery
+from resnet_scale.train.resume import RunFinished
 from resnet_scale.train.setup import Run, set_up
 from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train as configured; returns the summary also written to ``summary.json``."""
-    trainer = Trainer(set_up(cfg))
+def train(cfg: Config, *, given: frozenset[str] | None = None,
+          overrides: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Train as configured; returns the summary also written to ``summary.json`` (for --resume auto of
+    a finished run, its summary, nothing changed). ``given``/``overrides``: see ``set_up``."""
+    try:
+        run = set_up(cfg, given=given, overrides=overrides)
+    except RunFinished as done:
+        return done.summary
+    trainer = Trainer(run)
     trainer.fit()
     return finish(trainer.run, trainer.state, oom_events=trainer.oom_events, seen_samples=trainer.seen_samples)
 
@@ -47,7 +55,7 @@ class Trainer:
         self.control = LoopControl(run.accelerator, every_steps=cfg.train.checkpoint_every,
                                    every_minutes=cfg.train.checkpoint_every_minutes,
                                    max_bad_steps=cfg.train.max_bad_steps, deepspeed=cfg.engine() == "deepspeed",
-                                   bad_steps=self.state.bad_steps)
+                                   bad_steps=self.state.bad_steps, advice=self._advice)
         self.sync_buffers = cfg.engine() == "deepspeed" and run.accelerator.num_processes > 1
         # A withheld update also puts BatchNorm's statistics back (DeepSpeed updates inside backward).
         self.snapshot = BufferSnapshot(run.model) if cfg.engine() != "deepspeed" else None
@@ -81,6 +89,8 @@ class Trainer:
         self.window = Window.new(run.accelerator.device)
         if skip:  # resumed mid-epoch: the window of the interrupted log interval comes back too
             self.window.restore(state.window)
+        if state.step >= run.total_steps:  # resumed from the run's last step: nothing left to train
+            return
         for epoch_step, (images, labels) in enumerate(run.train_loader, start=1):
             if epoch_step <= skip:  # the loader is deterministic per (seed, epoch): skip what was trained
                 continue
@@ -192,10 +202,14 @@ class Trainer:
         state.window = self.window.snapshot()
         if self.sync_buffers:  # the saved statistics are rank 0's: every rank resumes with the same ones
             broadcast_buffers(run.model, run.accelerator)
-        check_finite_weights(run.model, run.accelerator, f"the checkpoint of step {state.step}")
+        check_finite_weights(run.model, run.accelerator, f"the checkpoint of step {state.step}", self._advice())
         saved_at = save_checkpoint(run.accelerator, run.folder.path, state.step, state, run.cfg.train.keep_checkpoints)
         self.control.saved()
         return saved_at
+
+    def _advice(self, first_bad: int | None = None) -> str:
+        """After a non-finite stop: what to change, and the checkpoint to resume from."""
+        return resume_advice(self.run.cfg, self.run.memory.precision, checkpoint_dirs(self.run.folder.path), first_bad)
 
     def _close(self) -> None:
         """Close what is open when the run stops early (pre-empted, or non-finite)."""
