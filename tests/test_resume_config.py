@@ -20,6 +20,7 @@ from resnet_scale.config.compare import FREE, differences, fields, get, parse_ov
 from resnet_scale.config.values import field_type
 from resnet_scale.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from resnet_scale.train.control import EXIT_NONFINITE, resume_advice
+from resnet_scale.train.integrity import write_marker
 from resnet_scale.train.optim import lr_factor
 from resnet_scale.train.resume import Resume, check_loop_state
 from resnet_scale.train.run_dir import load_weights
@@ -360,6 +361,7 @@ def test_a_loop_state_that_does_not_fit_is_refused_before_anything_changes(finis
     run = _stopped(_copy(finished, tmp_path), 3, lines_after=2)
     state_file = latest_checkpoint(run) / "loop_state.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "metrics_lines": 99}))
+    write_marker(state_file.parent, 3)  # checksums that fit the edit: the loop-state check is what refuses
     before = _files(run)
     out = run_cli(*ARGS, "--output-dir", tmp_path, "--run-name", "fin", "--resume", "auto")
     assert out.returncode == 2, out.stderr[-3000:]
