@@ -55,10 +55,13 @@ def assert_same_state(ref: nn.Module, other: nn.Module, what: str) -> None:
             assert torch.equal(a, b), f"{what}: buffer {name}: {b} != {a}"
 
 
-def train_and_compare(ref: nn.Module, other: nn.Module, steps: int = 3, size: int = 16) -> None:
+def train_and_compare(
+    ref: nn.Module, other: nn.Module, steps: int = 3, size: int = 16, autocast: torch.dtype | None = None
+) -> None:
     """Run the same SGD steps (momentum, weight decay) on both; after every step the outputs,
     every parameter's gradient and every buffer (BatchNorm running_mean, running_var,
-    num_batches_tracked) must match, and at the end the updated weights."""
+    num_batches_tracked) must match, and at the end the updated weights. ``autocast``: run the
+    forwards under CPU autocast in that dtype (the backward outside it, as in training)."""
     ref.train()
     other.train()
     opts = [
@@ -72,8 +75,10 @@ def train_and_compare(ref: nn.Module, other: nn.Module, steps: int = 3, size: in
         outs = []
         for model, opt in zip((ref, other), opts):
             opt.zero_grad()
-            out = model(x)
-            F.cross_entropy(out, target).backward()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                out = model(x)
+            assert out.dtype == (autocast or torch.float32)
+            F.cross_entropy(out.float(), target).backward()
             outs.append(out.detach())
         torch.testing.assert_close(outs[1], outs[0], **EXACT)
         pairs = zip(ref.named_parameters(), other.named_parameters(), strict=True)
@@ -117,6 +122,32 @@ def test_batchnorm_momentum_none_cumulative_average(policy):
             m.momentum = None
     train_and_compare(ref, checkpointed_copy(ref, policy, "native"))
     assert all(m.momentum is None for m in ref.modules() if isinstance(m, _BatchNorm))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_bf16_autocast_checkpointed_training_equals_plain(block, impl):
+    """Under bf16 autocast the checkpointed model trains exactly like the plain one. fairscale's
+    own recompute ignores CPU autocast (it failed with "expected scalar type BFloat16")."""
+    ref = small_model(block)
+    train_and_compare(ref, checkpointed_copy(ref, "every:2", impl), steps=2, autocast=torch.bfloat16)
+
+
+@pytest.mark.parametrize("forward_dtype", [torch.bfloat16, None])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_recompute_runs_in_the_forwards_autocast_state(impl, forward_dtype):
+    """The recompute re-enters the forward's autocast state, not the one around backward:
+    fairscale re-enters CUDA autocast in fp16 whatever the forward's dtype was; on CPU the same
+    defect shows as a recompute that follows the caller's autocast (here fp16)."""
+    model = checkpointed_copy(small_model("basic"), "stage", impl)
+    dtypes = []
+    model.layer1[0].conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=forward_dtype or torch.bfloat16, enabled=forward_dtype is not None):
+        out = model(torch.randn(2, 3, 16, 16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out.float().square().sum().backward()
+    assert dtypes == [forward_dtype or torch.float32] * 2  # the forward, then the recompute
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 def test_fairscale_offload_to_cpu_equivalent():

@@ -14,6 +14,8 @@ of them).
 * ``settings.py`` -- ``resolve_memory(cfg, ...)`` turns the memory flags (``--low-memory`` and the
   explicit ones) into one ``MemorySettings``; ``apply_memory_transforms(model, settings)`` applies
   the transforms in their one valid order; ``activation_offload`` keeps saved activations on the CPU.
+* ``offload.py`` -- ``OffloadActivations``: the saved-tensor hooks behind ``activation_offload``
+  (pinned host copies that keep the memory format, made on a side CUDA stream).
 
 Imports torch and ``resnet_scale.config`` only; fairscale is imported when ``impl="fairscale"``
 asks for it.

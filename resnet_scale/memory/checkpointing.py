@@ -40,6 +40,12 @@ Design decisions
   updated in the *backward* pass (equal after each step, but a training-mode forward with no
   backward leaves them unchanged), and a training-mode forward under ``torch.no_grad`` (e.g.
   re-estimating BN statistics) does not update them; use impl="native" for those.
+* **Mixed precision.** The recompute runs under the forward's autocast state (per device type:
+  enabled, dtype; and the cast cache), so a bf16 forward is recomputed in bf16. torch's native
+  checkpoint does this itself; fairscale's only re-enters ``torch.cuda.amp.autocast`` with its
+  default dtype (fp16 where the forward was bf16) and ignores CPU autocast (the recompute then
+  fails with "expected scalar type BFloat16"), so ``impl="fairscale"`` runs each segment through
+  :func:`_under_autocast`, which re-enters the state captured at the forward.
 * **torch.compile.** Under compilation the native path calls ``checkpoint`` without the
   context_fn (dynamo only accepts TorchDispatchMode contexts there): AOTAutograd functionalizes
   the buffer updates, so they happen once (checked with backend="aot_eager" and "inductor").
@@ -249,10 +255,32 @@ def _checkpointed_stage_forward(self: nn.Sequential, x: Tensor) -> Tensor:
             module = plan.fairscale_modules[i]
             # A fresh weak reference each call (fairscale's own wrapper keeps one made at wrap
             # time, which a deepcopy would leave pointing at the original model).
-            x = plan.fairscale_fn(
-                type(module).forward, weakref.ref(module), plan.offload_to_cpu, x
-            )
+            forward = functools.partial(_under_autocast, _autocast_state(x), type(module).forward)
+            x = plan.fairscale_fn(forward, weakref.ref(module), plan.offload_to_cpu, x)
     return x
+
+
+def _autocast_state(x: Tensor) -> tuple:
+    """The autocast state now, for CPU, CUDA and ``x``'s device type: ((device type, enabled,
+    dtype), ...), and whether the cast cache is on."""
+    device_types = dict.fromkeys(("cpu", "cuda", x.device.type))
+    modes = tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types
+    )
+    return modes, torch.is_autocast_cache_enabled()
+
+
+def _under_autocast(state: tuple, forward: Any, module: nn.Module, *args: Any) -> Any:
+    """Run ``forward(module, *args)`` under the autocast ``state`` of :func:`_autocast_state`:
+    the same in fairscale's first pass, and restored (not fairscale's fp16) in its recompute."""
+    modes, cache_enabled = state
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in modes:
+            autocast = torch.autocast(
+                device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled
+            )
+            stack.enter_context(autocast)
+        return forward(module, *args)
 
 
 def _fairscale_checkpoint_wrapper():

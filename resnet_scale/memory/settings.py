@@ -147,7 +147,14 @@ def apply_memory_transforms(model: nn.Module, settings: MemorySettings) -> nn.Mo
 
 
 def activation_offload(settings: MemorySettings, device: torch.device):
-    """The context that keeps saved activations in (pinned) CPU memory, or a null context."""
+    """The context that keeps the forward's saved activations in host memory (pinned on CUDA, with
+    their memory format, copied on a side stream: ``memory/offload.py``), or a null context: also
+    on a CPU device, where the activations are in host memory already."""
     if not settings.offload_activations:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    if device.type == "cpu":
+        logger.info("--offload-activations: the activations of a CPU run are in CPU memory already")
+        return contextlib.nullcontext()
+    from resnet_scale.memory.offload import OffloadActivations
+
+    return OffloadActivations(device.type)
