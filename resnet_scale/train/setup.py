@@ -121,7 +121,19 @@ def _check(cfg: Config) -> tuple[str, str]:
     return tracker_kind, device_type
 
 
-def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any]) -> tuple[RunDir, LoopState]:
+def _check_position(state: LoopState, steps_per_epoch: int, checkpoint: Path) -> None:
+    """Refuse a resume position past the end of this run's epochs (e.g. a checkpoint of an eager run
+    resumed with --compile, whose epochs leave the partial batch out), before any file changes."""
+    if state.epoch_step > steps_per_epoch:
+        raise ConfigError(
+            f"{checkpoint} stopped after batch {state.epoch_step} of epoch {state.epoch + 1}, but this run's "
+            f"epochs have {steps_per_epoch} batches (--compile leaves out each epoch's partial last batch); "
+            "resume with the flags the run was started with."
+        )
+
+
+def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any],
+                 steps_per_epoch: int) -> tuple[RunDir, LoopState]:
     """The run folder (new, or the resumed run's) and the loop state to start from."""
     t = cfg.train
     main = accelerator.is_main_process
@@ -139,6 +151,8 @@ def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any]) -
         logger.info(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
                     + (f"resuming from {resume_from}" if resume_from else "no checkpoint yet, starting the run over"))
     state = load_checkpoint(accelerator, resume_from) if resume_from else LoopState()
+    if resume_from:
+        _check_position(state, steps_per_epoch, resume_from)
     if main:
         if resume_from:
             folder.reopen(metrics_lines=state.metrics_lines)
@@ -176,8 +190,9 @@ def set_up(cfg: Config) -> Run:
     padding = cfg.data.crop_padding if cfg.data.crop_padding is not None else image_size // 8
     loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world,
                        seed=cfg.train.seed, channels_last=memory.channels_last)
+    # --compile: full batches only (one static shape); the epoch's last partial batch is left out.
     train_loader = _loader(train_set, cfg, batch_size=cfg.train.batch_size, train=True,
-                           crop_padding=padding if crop else 0, flip=flip, **loader_args)
+                           crop_padding=padding if crop else 0, flip=flip, drop_last=memory.compile, **loader_args)
     test_loader = _loader(test_set, cfg, batch_size=cfg.train.batch_size, train=False, **loader_args)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -203,7 +218,7 @@ def set_up(cfg: Config) -> Run:
     saved = {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
              "memory_plan": memory_plan.as_dict() if memory_plan else None,
              "num_parameters": num_parameters, "weighted_layers": weighted_layers}
-    folder, state = _open_folder(cfg, accelerator, saved)
+    folder, state = _open_folder(cfg, accelerator, saved, steps_per_epoch)
     if main and t.tracker == "auto" and tracker_kind == "none":
         logger.info("tracking: W&B is not installed, metrics go to the run folder only "
                     "(pip install 'resnet-scale[wandb]')")
@@ -218,6 +233,12 @@ def set_up(cfg: Config) -> Run:
         f"{world} process(es) on {accelerator.device} | {epochs} epoch(s), {total_steps} steps | run {folder.path}"
     )
     progress.message(f"memory: {memory.describe()}")
+    if memory.compile and train_loader.num_left_out():
+        progress.message(
+            f"--compile: one static batch shape; each epoch leaves out {train_loader.num_left_out()} of the "
+            f"{len(train_set)} training images (its partial last batch; different images every epoch, as the "
+            f"order is reshuffled), {steps_per_epoch} steps per epoch"
+        )
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     return Run(cfg=cfg, accelerator=accelerator, memory=memory, model=model, optimizer=optimizer,
