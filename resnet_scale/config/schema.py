@@ -190,7 +190,9 @@ class DistributedConfig:
         None, "DeepSpeed JSON config; its \"auto\" values are filled from these flags, a value that "
         "contradicts a flag is an error (templates in ds_configs/)."
     )
-    sync_bn: bool = _f(False, "Synchronise BatchNorm statistics over all processes (for small per-device batches).")
+    sync_bn: bool = _f(False, "Synchronise BatchNorm statistics over all processes (for small per-device batches). "
+                              "On CUDA, torch's SyncBatchNorm waits for the GPU once per BatchNorm layer in every "
+                              "forward pass (a host sync reading the gathered counts).")
     record_samples: bool = _f(
         False, "Write samples.json: the dataset indices each process trained on, per epoch (audits sharding)."
     )
