@@ -151,7 +151,8 @@ class MemoryConfig:
     offload_activations: bool = _f(
         False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
     )
-    compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator).")
+    compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator) with one static "
+                              "batch shape: each epoch leaves out its partial last batch; evaluation runs eagerly.")
     oom_recovery: bool = _f(
         False, "When a step runs out of GPU memory on any rank, every rank redoes it with half the "
         "micro-batch and twice the accumulation (same global batch). With several processes the gradient "
