@@ -151,7 +151,8 @@ class MemoryConfig:
     offload_activations: bool = _f(
         False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
     )
-    compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator).")
+    compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator) with one static "
+                              "batch shape: each epoch leaves out its partial last batch; evaluation runs eagerly.")
     oom_recovery: bool = _f(
         False, "When a step runs out of GPU memory on any rank, every rank redoes it with half the "
         "micro-batch and twice the accumulation (same global batch). With several processes the gradient "
@@ -190,7 +191,9 @@ class DistributedConfig:
         None, "DeepSpeed JSON config; its \"auto\" values are filled from these flags, a value that "
         "contradicts a flag is an error (templates in ds_configs/)."
     )
-    sync_bn: bool = _f(False, "Synchronise BatchNorm statistics over all processes (for small per-device batches).")
+    sync_bn: bool = _f(False, "Synchronise BatchNorm statistics over all processes (for small per-device batches). "
+                              "On CUDA, torch's SyncBatchNorm waits for the GPU once per BatchNorm layer in every "
+                              "forward pass (a host sync reading the gathered counts).")
     record_samples: bool = _f(
         False, "Write samples.json: the dataset indices each process trained on, per epoch (audits sharding)."
     )

@@ -44,6 +44,12 @@ class DeviceLoader(LoaderBase):
     permutation, not per rank, so a sample gets the same crop and flip in a given epoch whatever
     the world size: 1-rank and 2-rank runs are comparable.
 
+    ``drop_last=True`` (training only; what ``--compile`` uses): every batch is a full one, so a
+    compiled model sees one static shape. The last ``N % batch_size`` positions of each epoch's
+    permutation are left out of that epoch -- different samples every epoch, as the permutation is
+    drawn anew -- and each epoch has ``N // batch_size`` batches. Every other sample is used exactly
+    once per epoch.
+
     Evaluation (``train=False``): no shuffle and no augmentation; samples in order, batches cut
     the same way, and every sample is seen exactly once across ranks. The remainder is always
     kept, split as evenly as possible, and a rank's final batch may be EMPTY (a 0-size tensor)
@@ -68,10 +74,11 @@ class DeviceLoader(LoaderBase):
         flip: bool = False,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        drop_last: bool = False,
     ) -> None:
         self._configure(len(data), data.mean, data.std, batch_size=batch_size, device=device, rank=rank,
                         world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
-                        channels_last=channels_last, dtype=dtype)
+                        channels_last=channels_last, dtype=dtype, drop_last=drop_last)
         self.epoch = 0
         # Moved to the device once, as uint8 (4x smaller than float32).
         self.images = data.images.to(self.device)
@@ -80,7 +87,7 @@ class DeviceLoader(LoaderBase):
 
     def _rank_spans(self) -> list[tuple[int, int]]:
         """[start, end) positions in the epoch order of this rank's batches (the same every epoch)."""
-        return rank_spans(self.num_total, self.batch_size, self.world_size, self.rank, self.train)
+        return rank_spans(self.num_total, self.batch_size, self.world_size, self.rank, self.train, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration uses (same on every rank)."""

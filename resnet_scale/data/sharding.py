@@ -45,7 +45,8 @@ def random_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_loader_args(
-    n: int, *, batch_size: int, rank: int, world_size: int, train: bool, crop_padding: int, dtype: torch.dtype
+    n: int, *, batch_size: int, rank: int, world_size: int, train: bool, crop_padding: int, dtype: torch.dtype,
+    drop_last: bool = False,
 ) -> None:
     """Raise DataError, with the numbers and the fix, for loader arguments no loader can honour."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -64,22 +65,29 @@ def check_loader_args(
     if train and n < world_size:
         raise DataError(f"the training split has {n} samples, fewer than the {world_size} ranks; "
                         f"use fewer processes or more data")
+    if train and drop_last and n < batch_size:
+        raise DataError(f"the training split has {n} samples, fewer than one full batch of {batch_size}, and "
+                        f"partial batches are left out (one static batch shape); use a batch size of at most {n}")
     if crop_padding < 0:
         raise DataError(f"crop padding must be >= 0 pixels, got {crop_padding}")
     if not dtype.is_floating_point:
         raise DataError(f"the batch dtype must be a floating type, got {dtype}")
 
 
-def rank_spans(n: int, batch_size: int, world_size: int, rank: int, train: bool) -> list[tuple[int, int]]:
+def rank_spans(n: int, batch_size: int, world_size: int, rank: int, train: bool,
+               drop_last: bool = False) -> list[tuple[int, int]]:
     """[start, end) positions in the epoch order of rank ``rank``'s batches (the same every epoch).
 
     Full global batches of ``batch_size`` are cut into ``world_size`` contiguous slices; the remainder
-    is split as evenly as possible, and dropped in training when it is smaller than ``world_size``.
+    is split as evenly as possible, and dropped in training when it is smaller than ``world_size`` or
+    when ``drop_last`` asks for full batches only (training; evaluation always keeps it).
     """
     b, w, r = batch_size, world_size, rank
     per = b // w
     full, rem = divmod(n, b)
     spans = [(k * b + r * per, k * b + (r + 1) * per) for k in range(full)]
+    if train and drop_last:
+        return spans
     if rem >= w or (rem > 0 and not train):
         base, extra = divmod(rem, w)  # ranks < extra get one more sample
         start = full * b + r * base + min(r, extra)
@@ -140,9 +148,10 @@ class LoaderBase:
 
     def _configure(self, n: int, mean, std, *, batch_size: int, device, rank: int, world_size: int,
                    train: bool, seed: int, crop_padding: int, flip: bool, channels_last: bool,
-                   dtype: torch.dtype) -> None:
+                   dtype: torch.dtype, drop_last: bool = False) -> None:
         check_loader_args(n, batch_size=batch_size, rank=rank, world_size=world_size, train=train,
-                          crop_padding=crop_padding, dtype=dtype)
+                          crop_padding=crop_padding, dtype=dtype, drop_last=drop_last)
+        self.drop_last = bool(drop_last) and train
         self.device = torch.device(device)
         self.rank, self.world_size, self.train, self.seed = rank, world_size, train, int(seed)
         self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
@@ -151,6 +160,12 @@ class LoaderBase:
         self.num_total = n
         self._mean = channel_tensor(mean, self.device)
         self._std = channel_tensor(std, self.device)
+
+    def num_left_out(self) -> int:
+        """Training samples (over all ranks) that no batch of an epoch holds: the short remainder a
+        ``drop_last`` loader leaves out, or one smaller than ``world_size``; 0 for evaluation."""
+        rem = self.num_total % self.batch_size
+        return rem if self.train and (self.drop_last or rem < self.world_size) else 0
 
     def _augment(self, x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, start: int, end: int,
                  augment: bool) -> torch.Tensor:

@@ -70,9 +70,9 @@ class RankBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, *, batch_size: int, world_size: int, rank: int, train: bool, seed: int,
-                 crop_padding: int) -> None:
+                 crop_padding: int, drop_last: bool = False) -> None:
         self.n, self.train, self.seed, self.crop_padding = n, train, int(seed), int(crop_padding)
-        self.spans = rank_spans(n, batch_size, world_size, rank, train)
+        self.spans = rank_spans(n, batch_size, world_size, rank, train, drop_last)
         self.epoch = 0
         self._cached: tuple[int, tuple] | None = None
 
@@ -99,7 +99,7 @@ class StreamingLoader(LoaderBase):
 
     Arguments, rules and batches are those of :class:`~resnet_scale.data.loader.DeviceLoader`
     (``batch_size`` is the GLOBAL batch; call :meth:`set_epoch` before each epoch; see its docstring
-    for the sharding, the left-out training remainder and empty eval batches), with ``index`` (an
+    for the sharding, the left-out training remainder, ``drop_last`` and empty eval batches), with ``index`` (an
     :class:`ImageFolderIndex` from :func:`~resnet_scale.data.imagefolder.index_imagefolder`) in place
     of an ImageSet, and ``num_workers`` decoding processes (0: decode in this process). Workers persist
     across epochs; each prefetches two batches. Batches are pinned when ``device`` is CUDA.
@@ -120,17 +120,19 @@ class StreamingLoader(LoaderBase):
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
         num_workers: int = 2,
+        drop_last: bool = False,
     ) -> None:
         n = len(index)
         self._configure(n, index.mean, index.std, batch_size=batch_size, device=device, rank=rank,
                         world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
-                        channels_last=channels_last, dtype=dtype)
+                        channels_last=channels_last, dtype=dtype, drop_last=drop_last)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise DataError(f"num_workers must be an int >= 0 (0: decode in the training process), "
                             f"got {num_workers!r}")
         self.num_workers = num_workers
         self.sampler = RankBatchSampler(n, batch_size=batch_size, world_size=world_size, rank=rank,
-                                        train=train, seed=self.seed, crop_padding=self.crop_padding)
+                                        train=train, seed=self.seed, crop_padding=self.crop_padding,
+                                        drop_last=self.drop_last)
         self._spans = self.sampler.spans
         self._loader = DataLoader(
             FolderDataset(index),

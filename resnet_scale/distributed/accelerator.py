@@ -1,12 +1,16 @@
 """``build_accelerator(cfg)``: the one place that turns the config into an ``Accelerator``.
 
-Launched with ``accelerate launch`` or ``torchrun``, Accelerate reads the process group from the
-environment, so the same call serves one process and many (DDP over NCCL on GPUs, gloo on CPU).
+Launched with ``accelerate launch`` or ``torchrun``, the process group is started from the
+environment, so the same call serves one process and many (DDP over NCCL on GPUs, gloo on CPU). NCCL
+groups are started here, with the process's GPU made current first and bound to the group
+(``device_id``); gloo groups by Accelerate, except under a torchrun restart (see
+:func:`process_group_start`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -30,20 +34,62 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group_per_attempt(device: str) -> None:
-    """Under torchrun, start the process group on a store prefix of its own for every restart
-    attempt. The workers of all attempts talk to the agent's one TCPStore; without a prefix a
-    restarted rank can read the address a killed rank of the previous attempt published there and
-    fail to connect ("Gloo connectFullMesh failed ... Connection refused": 3 restarts in 5 here).
-    Accelerate (and DeepSpeed) then use this process group as it is."""
+@dataclass(frozen=True)
+class ProcessGroupStart:
+    """How this process starts the default process group itself, before Accelerate would."""
+
+    backend: str  # "nccl" (GPUs) or "gloo" (CPU)
+    device_id: torch.device | None  # NCCL: this process's GPU, made current first and bound to the group
+    store_prefix: str | None  # under a torchrun restart: the attempt's own prefix in the agent's store
+
+
+def process_group_start(device: str, *, world_size: int, local_rank: int | None, device_count: int,
+                        restart_attempt: str | None, initialized: bool) -> ProcessGroupStart | None:
+    """Whether (and how) to start the process group here rather than let Accelerate start it.
+
+    * NCCL (``device`` cuda, several processes): always here. Accelerate would call
+      ``init_process_group`` before making the process's GPU current and without ``device_id``: the
+      NCCL communicator would then be created lazily at the first collective, on whatever device is
+      current. Here the GPU (``local_rank`` modulo the visible GPUs, Accelerate's own choice) is set
+      first and passed as ``device_id``, so the communicator starts eagerly on the right GPU.
+    * gloo (CPU): only under a torchrun restart attempt (``TORCHELASTIC_RESTART_COUNT`` set), for the
+      store prefix; otherwise Accelerate starts it, as before.
+    * One process, a group that exists already, or no ``LOCAL_RANK`` for NCCL: None (nothing to do here).
+
+    The store prefix: the workers of all attempts talk to the agent's one TCPStore; without a prefix a
+    restarted rank can read the address a killed rank of the previous attempt published there and fail
+    to connect ("Gloo connectFullMesh failed ... Connection refused": 3 restarts in 5 here).
+    """
+    if world_size < 2 or initialized:
+        return None
+    prefix = f"resnet_scale/attempt_{restart_attempt}" if restart_attempt is not None else None
+    if device == "cuda":
+        if local_rank is None:
+            return None
+        return ProcessGroupStart("nccl", torch.device("cuda", local_rank % max(device_count, 1)), prefix)
+    if prefix is None:
+        return None
+    return ProcessGroupStart("gloo", None, prefix)
+
+
+def init_process_group_early(device: str) -> None:
+    """Start the process group as :func:`process_group_start` says; Accelerate (and DeepSpeed) then
+    use it as it is."""
     import torch.distributed as dist
 
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or world_size_from_env() < 2 or dist.is_initialized():
+    local_rank = os.environ.get("LOCAL_RANK")
+    start = process_group_start(
+        device, world_size=world_size_from_env(), local_rank=int(local_rank) if local_rank is not None else None,
+        device_count=torch.cuda.device_count() if device == "cuda" else 0,
+        restart_attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT"), initialized=dist.is_initialized())
+    if start is None:
         return
+    if start.device_id is not None:
+        torch.cuda.set_device(start.device_id)  # before the group: NCCL binds to the current device
     store, rank, world = next(dist.rendezvous("env://"))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
-                            store=dist.PrefixStore(f"resnet_scale/attempt_{attempt}", store))
+    if start.store_prefix is not None:
+        store = dist.PrefixStore(start.store_prefix, store)
+    dist.init_process_group(start.backend, rank=rank, world_size=world, store=store, device_id=start.device_id)
 
 
 def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
@@ -81,7 +127,7 @@ def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
             )
         kwargs["cpu"] = device == "cpu"
         kwargs["mixed_precision"] = memory.mixed_precision
-    init_process_group_per_attempt(device)
+    init_process_group_early(device)
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes != world:
         raise ConfigError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -141,9 +142,30 @@ def apply_memory_transforms(model: nn.Module, settings: MemorySettings) -> nn.Mo
         except ImportError as err:
             raise ConfigError(str(err)) from None
     if settings.compile:
-        logger.info("torch.compile: compiling the model (first steps are slow while it compiles)")
-        model = torch.compile(model)
+        backend = compile_backend()
+        logger.info(f"torch.compile ({backend}, static shapes): compiling the model (first steps are slow "
+                    "while it compiles)")
+        # dynamic=False: one static batch shape (the loader drops the short last batch under --compile)
+        # and, should a shape ever change (an --oom-recovery plan switch), a new static graph rather
+        # than dynamic-shape kernels for the rest of the run.
+        model = torch.compile(model, backend=backend, dynamic=False)
     return model
+
+
+#: The torch.compile backend of ``--compile``: ``inductor`` unless this environment variable names
+#: another registered backend (the tests use ``eager``/counting backends: no C++ compile on CPU).
+COMPILE_BACKEND_ENV = "RESNET_SCALE_COMPILE_BACKEND"
+
+
+def compile_backend() -> str:
+    """The backend ``--compile`` uses; an unknown name is refused (ConfigError) before anything compiles."""
+    from torch._dynamo import list_backends
+
+    name = os.environ.get(COMPILE_BACKEND_ENV, "").strip() or "inductor"
+    if name not in list_backends(exclude_tags=()):
+        raise ConfigError(f"{COMPILE_BACKEND_ENV}={name} is not a torch.compile backend; name a registered one "
+                          "(e.g. inductor, aot_eager, eager) or unset it for inductor.")
+    return name
 
 
 def activation_offload(settings: MemorySettings, device: torch.device):

@@ -59,19 +59,25 @@ def reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
 def evaluate(model: torch.nn.Module, loader: Iterable, accelerator: Accelerator) -> dict[str, float]:
     """Loss and accuracy over the whole test split (batches of images and labels), each sample
     counted exactly once over all ranks: the loader shards the split without padding, and per-rank
-    sums are reduced."""
+    sums are reduced.
+
+    A ``torch.compile``d model is evaluated eagerly (``force_eager``): its compiled graph is the
+    training-mode one of the training batch shape, and evaluation mode and the split's short last
+    batch would each compile another (static) graph, costing more compile time than an eager
+    forward pass over the test split costs."""
     model.eval()
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for images, labels in loader:
-        if labels.numel() == 0:  # an empty tail shard on this rank keeps the batch count equal
-            continue
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
-        count += labels.numel()
+    with torch.compiler.set_stance("force_eager"):
+        for images, labels in loader:
+            if labels.numel() == 0:  # an empty tail shard on this rank keeps the batch count equal
+                continue
+            logits = model(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            correct += (logits.argmax(1) == labels).sum()
+            count += labels.numel()
     model.train()
     total_loss, total_correct, total = reduce_sums(accelerator, loss_sum, correct, count)
     return {"loss": total_loss / total, "accuracy": total_correct / total, "samples": int(total)}

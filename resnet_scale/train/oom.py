@@ -10,6 +10,15 @@ of memory, and only then are the gradients averaged (bucketed all-reduces, the s
 computes). Every rank reaches the same collectives in the same order whatever failed. The price,
 with several processes: the gradient all-reduce no longer overlaps backward (single process: free).
 
+What counts as out of memory (:func:`is_out_of_memory`): torch's ``OutOfMemoryError``, and the
+RuntimeErrors of the libraries that allocate on their own -- cuDNN (``CUDNN_STATUS_ALLOC_FAILED``, in
+cuDNN 9 ``CUDNN_STATUS_INTERNAL_ERROR_DEVICE/HOST_ALLOCATION_FAILED``, a workspace it could not get,
+or no engine left to run a convolution, which is what a workspace shortage looks like through
+cuDNN's engine API), cuBLAS (``CUBLAS_STATUS_ALLOC_FAILED``), a raw "CUDA error: out of memory"
+and the CPU allocator's "can't allocate memory". Before the cache is
+emptied, the failed step's graph is dropped: its loss and logits, and the frames the error's
+traceback holds (with every activation they reference); otherwise ``empty_cache`` frees nothing.
+
 ``RESNET_SCALE_INJECT_OOM=RANK:STEP[,RANK:STEP]`` raises ``torch.OutOfMemoryError`` once at the start
 of that optimizer step on that rank — how the recovery is tested without a GPU.
 """
@@ -19,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import traceback
 
 import torch
 from accelerate import Accelerator
@@ -55,11 +65,51 @@ def _injected(rank: int, step: int) -> bool:
     return False
 
 
+#: Texts of the RuntimeErrors that mean "out of memory", lower-cased (torch's OutOfMemoryError is one by
+#: its type). cuDNN reports a workspace it could not allocate as NOT_ENOUGH_WORKSPACE, or, through its
+#: engine API, as no engine able to run the convolution.
+OOM_PATTERNS = (
+    "out of memory",  # torch's CUDA caching allocator; "CUDA error: out of memory" from a raw cudaMalloc
+    "cudnn_status_alloc_failed",  # cuDNN 8
+    "cudnn_status_internal_error_device_allocation_failed",  # cuDNN 9 names the allocation that failed
+    "cudnn_status_internal_error_host_allocation_failed",
+    "cudnn_status_not_enough_workspace",
+    "unable to find an engine",  # "GET was unable to find an engine to execute this computation"
+    "cublas_status_alloc_failed",
+    "can't allocate memory",  # the CPU allocator ("DefaultCPUAllocator: can't allocate memory")
+)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a memory shortage a smaller micro-batch may cure (see :data:`OOM_PATTERNS`)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    text = str(err).lower()
+    return any(pattern in text for pattern in OOM_PATTERNS)
+
+
+def _forget(err: BaseException) -> None:
+    """Clear the local variables of the frames ``err``'s traceback holds (the failed forward's and
+    backward's: logits, activations, autograd nodes), so the memory is free before ``empty_cache``
+    even while ``err`` itself is still referenced."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:  # the error and those it was raised from or during
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+
+
 def next_plan(memory: MemorySettings) -> MemorySettings | None:
-    """Half the micro-batch, twice the accumulation: the same images per optimizer step."""
+    """Half the micro-batch, twice the accumulation: the same images per optimizer step. Under
+    ``--compile`` the largest divisor of the per-device batch at most half the micro-batch, so that
+    every micro-batch has the same shape (one static graph per plan, no uneven last micro-batch)."""
     micro = memory.micro_batch_size // 2
     if micro < 1:
         return None
+    if memory.compile:
+        micro = max(d for d in range(1, micro + 1) if memory.per_device_batch % d == 0)
     steps = -(-memory.per_device_batch // micro)  # ceil: a last, shorter micro-batch is handled exactly
     return dataclasses.replace(memory, micro_batch_size=micro, accumulation_steps=steps)
 
@@ -105,6 +155,7 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=labels.device)
     failed = False
+    loss = logits = None
     try:
         if _injected(accelerator.process_index, step):
             raise torch.OutOfMemoryError(f"injected out-of-memory error (RESNET_SCALE_INJECT_OOM) at step {step}")
@@ -119,9 +170,13 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
             accelerator.backward(loss * (steps / n))
             loss_sum += loss.detach().double()
             correct += (logits.detach().argmax(1) == y).sum()
-            del loss, logits
-    except torch.OutOfMemoryError:
+            loss = logits = None
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(err):
+            raise
         failed = True
+        loss = logits = None  # the failed micro-batch's graph: every activation it saved for backward
+        _forget(err)
     flag = torch.tensor([float(failed)], device=accelerator.device)
     if world > 1:
         dist.all_reduce(flag)

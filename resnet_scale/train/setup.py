@@ -206,8 +206,9 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
     padding = cfg.data.crop_padding if cfg.data.crop_padding is not None else image_size // 8
     loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world,
                        seed=cfg.train.seed, channels_last=memory.channels_last)
+    # --compile: full batches only (one static shape); the epoch's last partial batch is left out.
     train_loader = _loader(train_set, cfg, batch_size=cfg.train.batch_size, train=True,
-                           crop_padding=padding if crop else 0, flip=flip, **loader_args)
+                           crop_padding=padding if crop else 0, flip=flip, drop_last=memory.compile, **loader_args)
     test_loader = _loader(test_set, cfg, batch_size=cfg.train.batch_size, train=False, **loader_args)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -250,6 +251,12 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
         f"{world} process(es) on {accelerator.device} | {epochs} epoch(s), {total_steps} steps | run {folder.path}"
     )
     progress.message(f"memory: {memory.describe()}")
+    if memory.compile and train_loader.num_left_out():
+        progress.message(
+            f"--compile: one static batch shape; each epoch leaves out {train_loader.num_left_out()} of the "
+            f"{len(train_set)} training images (its partial last batch; different images every epoch, as the "
+            f"order is reshuffled), {steps_per_epoch} steps per epoch"
+        )
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     return Run(cfg=cfg, accelerator=accelerator, memory=memory, model=model, optimizer=optimizer,
