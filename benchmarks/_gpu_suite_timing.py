@@ -166,11 +166,11 @@ class LoopBench:
         self.warmup, self.windows, self.per_window = timing
         steps = self.per_window * (self.windows + 1)
         self.batch, self.ops, self.compile_with = batch, ops, compile_with
-        self.scratch = Path(tempfile.mkdtemp(prefix="gpu_suite-"))
         self.flags = [*flags, "--device", device, "--tracker", "none", "--data", "synthetic",
                       "--synthetic-train-samples", str(batch * steps), "--synthetic-test-samples", str(batch),
                       "--synthetic-classes", str(spec["classes"]), "--max-steps", str(steps),
-                      "--log-every", str(self.per_window), "--output-dir", str(self.scratch), "--run-name", "bench"]
+                      "--log-every", str(self.per_window), "--run-name", "bench"]
+        self.scratch: Path | None = None  # the run's --output-dir, made on entering
         self.run = self.trainer = self.batch_xy = None
         self.setup_s = 0.0
 
@@ -181,11 +181,12 @@ class LoopBench:
         from resnet_scale.train.trainer import Trainer
 
         try:
+            self.scratch = Path(tempfile.mkdtemp(prefix="gpu_suite-"))
             AcceleratorState._reset_state(True)  # one Accelerator per run, in one process
             torch._dynamo.reset()  # compile_s is a cold compilation, as in a new process
             started = time.perf_counter()
             with compile_backend(self.compile_with):
-                self.run = set_up(make_cfg(self.flags))
+                self.run = set_up(make_cfg([*self.flags, "--output-dir", str(self.scratch)]))
             self.setup_s = time.perf_counter() - started
             self.trainer = Trainer(self.run)
             self.run.train_loader.set_epoch(0)
@@ -244,5 +245,6 @@ class LoopBench:
         finally:
             self.run = self.trainer = self.batch_xy = None
             AcceleratorState._reset_state(True)
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
             self.ops.free()

@@ -8,8 +8,9 @@ device, driver, torch version, every setting, every figure next to its goal (met
 measured), and a plain list of the missed goals. Both files are written when the run starts,
 again after every section, and on SIGTERM, SIGINT or ``--time-limit``: a run stopped halfway
 keeps what it measured, says where it stopped, and exits non-zero (128 + the signal; 124 for
-the time limit). Step counts are sized so that the whole suite takes about 6 minutes on one
-H100/H200 (two inductor compilations are most of it); elapsed time per section is recorded.
+the time limit). Step counts are sized so that the whole suite should take about 6 minutes on
+one H100/H200 (an estimate: two inductor compilations are most of it; no GPU has run it yet);
+elapsed time per section is recorded.
 
 1. CIFAR-stem ResNet-18, 32 px, batch 512: the seed-style baseline (fp32 NCHW eager, PIL
    transforms in DataLoader workers) vs ``resnet-scale train`` (DeviceLoader, bf16,
@@ -60,7 +61,7 @@ _R18 = {"name": "ResNet-18", "block": "basic", "depth": 18, "stem": "cifar", "si
 _R50 = {"name": "ResNet-50", "block": "bottleneck", "depth": 50, "stem": "imagenet", "size": 224, "classes": 1000}
 _TINY = {"name": "basic-8 (smoke)", "block": "basic", "depth": 8, "stem": "cifar", "size": 16, "classes": 10}
 
-#: One H100/H200, about 6 minutes. ``*_timing``: (warm-up steps, timed windows, steps per window);
+#: One H100/H200, about 6 minutes (estimated). ``*_timing``: (warm-up steps, timed windows, steps per window);
 #: a loop run is (windows + 1) x steps-per-window steps, its first window the warm-up.
 #: ``compile_warmup``: extra warm-up steps of compiled rows. ``*_steps``: (warm-up, timed) steps.
 FULL = {
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", type=parse_sections, default=list(SECTIONS), help="e.g. 1,2,5 (default: all)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for each missed goal")
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                    help="stop after this long, keeping the partial report (exit 124)")
+                    help="stop this long after the start (imports not counted), keeping the partial report "
+                         "(exit 124)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: cuda when there is one (cpu with --smoke)")
     args = ap.parse_args(argv)
@@ -239,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                "5": lambda sec: run_planner(cfg, suite.sections, goals, device, sec)}
     stops = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
     previous = {sig: signal.signal(sig, suite.on_signal) for sig in stops}
-    if args.time_limit:
-        signal.setitimer(signal.ITIMER_REAL, args.time_limit)
+    if args.time_limit:  # counted from the suite's start, as its report's clock
+        signal.setitimer(signal.ITIMER_REAL, max(1e-3, args.time_limit - (time.perf_counter() - suite.started)))
     try:
         suite.run(runners, prof, ops)
     except Interrupted as stop:

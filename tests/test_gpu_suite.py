@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from _gpu_suite_report import MISS, NA, PASS, Goal, add_flops, judge, missed, peak_bf16_tflops, render  # noqa: E402
+from _gpu_suite_report import MISS, NA, PASS, Goal, judge, missed, render  # noqa: E402
 
 TITLES = {"1": "Throughput: CIFAR-stem", "2": "Throughput:", "3": "Memory:", "4": "DDP vs ZeRO-2 vs ZeRO-3",
           "5": "Planner: predicted vs measured"}
@@ -303,6 +303,8 @@ def test_time_limit_writes_the_partial_report(tmp_path):
 
 
 def test_peak_table_and_mfu():
+    from _gpu_suite_report import add_flops, peak_bf16_tflops
+
     assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989 and peak_bf16_tflops("NVIDIA H200") == 989
     assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756 and peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert peak_bf16_tflops("NVIDIA L4") == 121 and peak_bf16_tflops("NVIDIA L40S") == 362
