@@ -54,16 +54,16 @@ def run_memory(cfg: dict, ops, goals: list[Goal], profile, sec: dict) -> dict:
     spec = _spec(bm, s, b)
     warmup, steps = cfg["mem_steps"]
     sec.update(title=f"Memory: {s['name']}, {s['size']} px, batch {b}", rows=[], tables={},
-               columns=["label", "batch", "ms_per_image", "min_ms_per_image", "img_per_s", "tflops", "mfu", "peak_gib",
-                        "peak_mib_per_image", "out_of_memory"],
+               columns=["label", "compute", "batch", "ms_per_image", "min_ms_per_image", "img_per_s", "tflops", "mfu",
+                        "peak_gib", "peak_mib_per_image", "out_of_memory"],
                notes=[f"timed {steps} steps (each synchronised; median and fastest) after {warmup} warm-up, one "
-                      "setting alive at a time (benchmarks/memory.py measure_grid); SGD momentum, cross-entropy fp32; "
-                      "fp32 rows on a GPU: " + precision_label("fp32", ops.device.type)])
+                      "setting alive at a time (benchmarks/memory.py measure_grid); SGD momentum, cross-entropy fp32"])
     settings = [bm.BASELINE] + [bm.Setting("bf16", p, True) for p in ("none", "stage", "block", "sqrt")]
     rows = bm.measure_grid(spec, settings, ops, warmup, steps, interleave=False)
     fpi, peak = flops_per_image(s), device_peak(ops)
     for r in rows:
         r["flags"] = " ".join(model_flags(s, b) + _setting_flags(r["precision"], r["policy"], r["channels_last"]))
+        r["compute"] = precision_label(r["precision"], ops.device.type)  # "fp32 (TF32 convs)" on a GPU
         r["img_per_s"] = 1e3 / r["ms_per_image"] if r.get("ms_per_image") else None
         add_flops(r, fpi, peak)
     sec["rows"] = rows

@@ -162,14 +162,16 @@ class Suite:
     def write(self) -> tuple[Path, Path]:
         return write_report(self.args.out, self.stem, self.report())
 
+    def where(self, what: str) -> str:
+        section = f" during section {self.current[0]} ({SECTIONS[self.current[0]]})" if self.current else ""
+        return f"{what}{section} after {time.perf_counter() - self.started:.1f} s"
+
     def on_signal(self, signum, frame) -> None:
         code = 124 if signum == signal.SIGALRM else 128 + signum
         if self.interrupted is not None:  # a second signal: leave now (the partial report is on disk)
             os._exit(code)
-        what = (f"time limit of {self.args.time_limit:g} s reached" if signum == signal.SIGALRM
-                else f"stopped by {signal.Signals(signum).name}")
-        where = f" during section {self.current[0]} ({SECTIONS[self.current[0]]})" if self.current else ""
-        self.interrupted = f"{what}{where} after {time.perf_counter() - self.started:.1f} s"
+        self.interrupted = self.where(f"time limit of {self.args.time_limit:g} s reached" if signum == signal.SIGALRM
+                                      else f"stopped by {signal.Signals(signum).name}")
         md, _ = self.write()
         print(f"[gpu_suite] {self.interrupted}; partial report in {md}", file=sys.stderr, flush=True)
         self.watchdog = threading.Timer(GRACE_S, os._exit, (code,))  # cleanup must not keep it alive
@@ -249,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         md, js = suite.write()  # what the cleanup left as it was, and the final wall time
         print(f"[gpu_suite] {stop.reason}; wrote the partial report {md} and {js}", file=sys.stderr)
         return stop.code
+    except KeyboardInterrupt:  # a Ctrl-C that a handler of the code under test turned into this
+        suite.interrupted = suite.interrupted or suite.where("stopped by SIGINT (KeyboardInterrupt)")
+        md, js = suite.write()
+        print(f"[gpu_suite] {suite.interrupted}; wrote the partial report {md} and {js}", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
