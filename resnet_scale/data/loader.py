@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .imageset import DataError, ImageSet  # noqa: F401  (DataError stays importable from here)
+from .imageset import DataError, ImageSet, check_device_memory  # noqa: F401  (DataError stays importable from here)
 from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re-exported from here)
     LoaderBase,
     epoch_draws,
@@ -73,6 +73,9 @@ class DeviceLoader(LoaderBase):
                         world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
                         channels_last=channels_last, dtype=dtype)
         self.epoch = 0
+        check_device_memory(data.images.nbytes + data.labels.nbytes, self.device,
+                            f"the {'train' if train else 'test'} split ({len(data):,} images)",
+                            "use a smaller --image-size, or --in-memory no to stream an image folder")
         # Moved to the device once, as uint8 (4x smaller than float32).
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
