@@ -127,13 +127,15 @@ def file_error(err: BaseException, roots: list[str] | None) -> tuple[str, int] |
     else:
         what = ("" if library else "torch.save: ") + " ".join(str(err).split()) + (f" [{name}]" if name else "")
     inside = filename is None or roots is None or any(_is_within(filename, root) for root in roots)
-    if not inside:
-        return (f"cannot read or write {filename}: {err.strerror or err}" + (f" [{name}]" if name else "")
-                + "; check the path and its permissions.", 2)
-    hint = _HINTS.get(code, "the disk may be full or a file-size limit (ulimit -f) reached: free space or "
-                            "choose another --output-dir" if code is None else "choose another --output-dir")
+    if not inside:  # only an OSError names a file
+        return (f"cannot read or write {filename}: {err.strerror or err}{f' [{name}]' if name else ''}; check "
+                "the path and its permissions."), 2
+    if code is None:  # torch.save's writer says no more
+        hint = "the disk may be full or a file-size limit (ulimit -f) reached: free space or choose another --output-dir"
+    else:
+        hint = _HINTS.get(code, "choose another --output-dir")
     return (f"the run's files could not be written ({what}); {hint}. Checkpoints already complete stay "
-            "valid (--resume auto continues from the newest).", 1)
+            "valid (--resume auto continues from the newest)."), 1
 
 
 def _is_within(path: str | bytes, folder: str) -> bool:

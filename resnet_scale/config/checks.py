@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resnet_scale.config.names import check_run_name
 from resnet_scale.config.errors import ConfigError
+from resnet_scale.config.names import check_run_name
 from resnet_scale.config.values import coerce_value, field_type
 
 #: Seeds go to Python's, numpy's and torch's generators; numpy takes [0, 2**32).

@@ -15,7 +15,14 @@ import torch
 
 from resnet_scale.config import NATIVE_IMAGE_SIZE, SOURCES
 
-from .imageset import DataError, ImageSet, channel_stats, check_host_memory, log, make_split
+from .imageset import (
+    DataError,
+    ImageSet,
+    channel_stats,
+    check_host_memory,
+    log,
+    make_split,
+)
 
 # The digits test split is fixed (this seed, whatever the run's seed) so every run scores the same images.
 _DIGITS_SPLIT_SEED = 0
