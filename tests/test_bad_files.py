@@ -29,7 +29,6 @@ from test_bad_values import TINY, refused  # noqa: E402
 from test_train_e2e import REPO, run_cli  # noqa: E402
 
 from resnet_scale.cli import main  # noqa: E402
-from resnet_scale.cli.train import file_error  # noqa: E402
 
 # ----------------------------------------------------------------------------- config files
 
@@ -188,6 +187,8 @@ def test_report_of_the_undamaged_run_succeeds(capsys, tmp_path, finished_run):
 
 def test_every_errno_is_one_line_naming_it():
     """Every errno this system knows, written under the run's folder (exit 1) or elsewhere (exit 2)."""
+    from resnet_scale.cli.train import file_error
+
     inside, outside = "/runs/x/summary.json", "/data/train/a/1.png"
     for code, name in sorted(errno.errorcode.items()):
         message, status = file_error(OSError(code, os.strerror(code), inside), ["/runs"])
@@ -213,6 +214,8 @@ def file_size_limit():
 def test_torch_save_and_safetensors_write_errors_are_mapped(tmp_path, file_size_limit):
     """Real EFBIG errors, raised by each library's own writer as its own exception type."""
     from safetensors.torch import save_file
+
+    from resnet_scale.cli.train import file_error
 
     errors = []
     for write in (lambda: torch.save({"a": torch.zeros(4096)}, tmp_path / "optimizer.bin"),
