@@ -201,29 +201,29 @@ def test_every_errno_is_one_line_naming_it():
     assert file_error(RuntimeError("not from torch.save"), ["/runs"]) is None
 
 
-@pytest.fixture
-def file_size_limit():
-    """Lower this process's soft RLIMIT_FSIZE to 4 KiB (Python ignores SIGXFSZ: a bigger write fails
-    with EFBIG), and raise it back."""
+def _under_file_size_limit(write) -> BaseException:
+    """The error ``write()`` raises while this process's soft RLIMIT_FSIZE is 4 KiB (Python ignores
+    SIGXFSZ, so a bigger write fails with EFBIG). The limit is back before anything else is written
+    (pytest's own output may go to a file bigger than that)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    try:
+        write()
+    except Exception as err:  # noqa: BLE001 -- each library raises its own type
+        return err
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    raise AssertionError("the write did not fail under a 4 KiB file-size limit")
 
 
-def test_torch_save_and_safetensors_write_errors_are_mapped(tmp_path, file_size_limit):
+def test_torch_save_and_safetensors_write_errors_are_mapped(tmp_path):
     """Real EFBIG errors, raised by each library's own writer as its own exception type."""
     from safetensors.torch import save_file
 
     from resnet_scale.cli.train import file_error
 
-    errors = []
-    for write in (lambda: torch.save({"a": torch.zeros(4096)}, tmp_path / "optimizer.bin"),
-                  lambda: save_file({"a": torch.zeros(4096)}, str(tmp_path / "model.safetensors"))):
-        with pytest.raises(Exception) as caught:
-            write()
-        errors.append(caught.value)
-    torch_error, st_error = errors
+    torch_error = _under_file_size_limit(lambda: torch.save({"a": torch.zeros(4096)}, tmp_path / "optimizer.bin"))
+    st_error = _under_file_size_limit(lambda: save_file({"a": torch.zeros(4096)}, str(tmp_path / "model.safetensors")))
     assert type(torch_error) is RuntimeError and type(st_error).__name__ == "SafetensorError"
     message, status = file_error(torch_error, [str(tmp_path)])
     assert status == 1 and message.startswith("the run's files could not be written (torch.save: ")

@@ -69,13 +69,13 @@ class DeviceLoader(LoaderBase):
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        check_device_memory(data.images.nbytes + data.labels.nbytes, torch.device(device),
+                            f"the {'train' if train else 'test'} split ({len(data):,} images)",
+                            "use a smaller --image-size, or --in-memory no to stream an image folder")
         self._configure(len(data), data.mean, data.std, batch_size=batch_size, device=device, rank=rank,
                         world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
                         channels_last=channels_last, dtype=dtype)
         self.epoch = 0
-        check_device_memory(data.images.nbytes + data.labels.nbytes, self.device,
-                            f"the {'train' if train else 'test'} split ({len(data):,} images)",
-                            "use a smaller --image-size, or --in-memory no to stream an image folder")
         # Moved to the device once, as uint8 (4x smaller than float32).
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
