@@ -33,7 +33,8 @@ TINY = ["--data", "synthetic", "--layers", "1,1,1", "--image-size", "8", "--synt
 
 def refused(capsys, tmp_path, argv, *words, base=TINY) -> str:
     """``resnet-scale train BASE ARGV`` in this process: exit status 2 (argparse's SystemExit or the
-    returned status), one ``error:`` line holding every one of ``words``, no traceback, nothing written."""
+    returned status), one ``error:`` line, the last one, holding every one of ``words``, no traceback,
+    nothing written."""
     out = tmp_path / "runs"
     try:
         status = main(["train", *base, *map(str, argv), "--output-dir", str(out)])
@@ -43,7 +44,7 @@ def refused(capsys, tmp_path, argv, *words, base=TINY) -> str:
     assert status == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1, err[-3000:]
+    assert len(lines) == 1 and err.rstrip("\n").splitlines()[-1] == lines[0], err[-3000:]  # nothing after it
     for word in words:
         assert word in lines[0], f"{word!r} not in: {lines[0]}"
     assert not out.exists(), "a refused run must not create its --output-dir"
