@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _fixtures_data as fx  # noqa: E402
 from test_train_e2e import run_cli  # noqa: E402
 
-# Tiny settings: every case here is refused before (or, streamed, right after) the first step.
+# Tiny settings: every case here is refused before the first step.
 TINY = ("--layers", "1,1,1", "--image-size", "16", "--max-steps", "1", "--batch-size", "4",
         "--tracker", "none", "--no-download")
 
@@ -96,20 +96,20 @@ def test_truncated_parquet_file(tmp_path):
                    "download it again")
 
 
-def test_truncated_image_found_while_streaming(tmp_path):
-    """Streamed, a test image is first decoded in a DataLoader worker, after training has begun: the
-    worker's error reaches the user as the same one line (no worker traceback), and a run saved
-    before is untouched (the new run's folder stays, as after any stop)."""
+def test_truncated_test_image_refused_before_training_when_streaming(tmp_path):
+    """Streamed, the test split is first read after an epoch of training; it is decoded once when the
+    folder is indexed instead, so a damaged test image is refused before the first step: one line naming
+    the file, and no run folder left behind (the output folder stays byte-identical)."""
     fx.write_image_folder(tmp_path / "data", classes=("a", "b"), counts={"train": 4, "test": 2})
     bad = tmp_path / "data" / "test" / "b" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])
     out = _earlier_run(tmp_path / "runs")
-    before = _tree(out / "earlier")
+    before = _tree(out)
     result = run_cli("--data", "imagefolder", "--data-dir", tmp_path / "data", *TINY, "--in-memory", "no",
                      "--num-workers", "1", "--output-dir", out, "--run-name", "new", timeout=120)
     _refused(result, str(bad), "cannot read this image", "delete or replace the file")
-    assert "DataLoader worker" not in result.stderr
-    assert _tree(out / "earlier") == before
+    assert "DataLoader worker" not in result.stderr and "step 1/" not in result.stdout + result.stderr
+    assert _tree(out) == before
 
 
 # ----------------------------------------------------------------------------- 2. images of the wrong shape

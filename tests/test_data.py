@@ -217,8 +217,9 @@ def test_imagefolder(tmp_path):
 
 def test_imagefolder_errors(tmp_path):
     pytest.importorskip("PIL")
-    (tmp_path / "train" / "a").mkdir(parents=True)
-    (tmp_path / "test" / "a").mkdir(parents=True)
+    for split in ("train", "test"):  # two classes (one is refused on its own)
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
     with pytest.raises(DataError, match=r"train[/\\]a: class folder holds no images"):
         build_datasets("imagefolder", data_dir=str(tmp_path), image_size=8)
     fx.write_image_folder(tmp_path / "x", classes=("a", "b"))

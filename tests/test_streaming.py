@@ -90,8 +90,9 @@ def test_stats_sample_is_fixed_and_spread(folder):
 
 def test_bad_folders_raise_data_error(tmp_path):
     for fn in (index_imagefolder, estimate_imagefolder_bytes):
-        (tmp_path / "e" / "train" / "a").mkdir(parents=True)
-        (tmp_path / "e" / "test" / "a").mkdir(parents=True)
+        for split in ("train", "test"):  # two classes (one is refused on its own)
+            for name in ("a", "b"):
+                (tmp_path / "e" / split / name).mkdir(parents=True, exist_ok=True)
         with pytest.raises(DataError, match=r"train[/\\]a: class folder holds no images"):
             fn(str(tmp_path / "e"), 8)
         fx.write_image_folder(tmp_path / "x", classes=("a", "b"))
@@ -112,11 +113,11 @@ def test_bad_folders_raise_data_error(tmp_path):
         assert len(index_imagefolder(str(tmp_path / "x"), 8)[1]) == 4 and fn(str(tmp_path / "x"), 8)
         shutil.rmtree(tmp_path / "e")
         shutil.rmtree(tmp_path / "x")
-    fx.write_image_folder(tmp_path / "bad", classes=("a",))
+    fx.write_image_folder(tmp_path / "bad", classes=("a", "b"))
     (tmp_path / "bad" / "train" / "a" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"1.png: cannot read this image"):  # decoded for the statistics
         index_imagefolder(str(tmp_path / "bad"), 8)
-    assert estimate_imagefolder_bytes(str(tmp_path / "bad"), 8) == 5 * 3 * 64  # decodes nothing
+    assert estimate_imagefolder_bytes(str(tmp_path / "bad"), 8) == 10 * 3 * 64  # decodes nothing
 
 
 def test_loader_argument_errors(folder):

@@ -3,14 +3,18 @@
 A RUN_DIR is a run folder (``config.json``, ``metrics.jsonl``, ``summary.json``) or an output
 folder holding run folders (``--output-dir`` of ``resnet-scale train``). ``--wandb-report``
 also builds the same comparison as a W&B Report and publishes it; offline, it says what is
-needed and the command still succeeds with the local report. Bad input exits with status 2.
+needed and the command still succeeds with the local report. Bad input exits with status 2 (a
+damaged summary.json or metrics.jsonl: one line naming the file, line and value); an --out that
+cannot be written, with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
 from resnet_scale.tracking.report import DEFAULT_TITLE
@@ -65,6 +69,12 @@ def run(ns: argparse.Namespace) -> int:
     except ReportError as err:
         print(f"resnet-scale report: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:  # a run folder that cannot be listed (2), or --out that cannot be written (1)
+        written = err.filename is not None and Path(os.fsdecode(err.filename)).resolve().is_relative_to(
+            Path(ns.out).resolve())
+        print(f"resnet-scale report: error: {'cannot write' if written else 'cannot read'} "
+              f"{err.filename or 'a file'}: {err.strerror or err}.", file=sys.stderr)
+        return 1 if written else EXIT_BAD_INPUT
     groups = ", ".join(f"{g['group']} ({len(g['runs'])})" for g in result["groups"])
     print(f"report of {len(result['runs'])} runs by {ns.group_by}: {groups}")
     print(f"  {result['files']['html']}\n  {result['files']['markdown']}")

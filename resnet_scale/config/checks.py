@@ -3,19 +3,61 @@ change, kept out of schema.py so the declarations stay readable."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resnet_scale.config.names import check_run_name
 from resnet_scale.config.errors import ConfigError
+from resnet_scale.config.names import check_run_name
+from resnet_scale.config.values import coerce_value, field_type
+
+#: Seeds go to Python's, numpy's and torch's generators; numpy takes [0, 2**32).
+SEED_MAX = 2**32 - 1
+#: Blocks in one stage: ResNet-1202, the deepest of He et al. 2016, has 200.
+MAX_BLOCKS_PER_STAGE = 1000
+#: DataLoader worker processes per loader.
+MAX_WORKERS = 1024
+#: Synthetic classes: more than any image data set has (ImageNet-21k: 21,841).
+MAX_SYNTHETIC_CLASSES = 100_000
 
 if TYPE_CHECKING:
     from resnet_scale.config.schema import Config
 
 
+def _check_numbers(cfg: Config) -> None:
+    """Every number of every section is finite and fits in 64 bits, however it was set: flags and
+    files are refused by ``values.py`` as they are read, a Config built in code is checked here."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            tp, _ = field_type(type(sub), f.name)
+            value = getattr(sub, f.name)
+            if tp in (int, float) and value is not None:
+                coerce_value(type(sub), f, value, "--" + f.metadata.get("flag", f.name).replace("_", "-"))
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Counts that are numbers but not sensible ones: refused with the limit and why."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    layers, _ = cfg.layers()
+    if max(layers) > MAX_BLOCKS_PER_STAGE:
+        given = f"--layers {','.join(map(str, layers))}" if m.layers else f"--depth {m.depth}"
+        raise ConfigError(f"{given} puts {max(layers):,} blocks in one stage; at most {MAX_BLOCKS_PER_STAGE:,} "
+                          "are built (ResNet-1202, the deepest of He et al. 2016, has 200).")
+    if not 0 <= t.seed <= SEED_MAX:
+        raise ConfigError(f"--seed {t.seed} must be in [0, {SEED_MAX}] (the range numpy's generator takes).")
+    if d.num_workers > MAX_WORKERS:
+        raise ConfigError(f"--num-workers {d.num_workers} would start that many processes per loader; use at "
+                          f"most {MAX_WORKERS} (about the number of CPU cores is plenty).")
+    if d.synthetic_classes > MAX_SYNTHETIC_CLASSES:
+        raise ConfigError(f"--synthetic-classes {d.synthetic_classes} is more than any image data set has; "
+                          f"use at most {MAX_SYNTHETIC_CLASSES:,}.")
+
+
 def check_config(cfg: Config) -> None:
     """Raise ConfigError for the first setting that cannot work."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _check_numbers(cfg)
     cfg.layers()
     if m.zero_init_residual and m.block == "plain":
         raise ConfigError(
@@ -49,6 +91,7 @@ def check_config(cfg: Config) -> None:
     ):
         if value < low:
             raise ConfigError(f"{name} {value} must be at least {low}.")
+    _check_sizes(cfg)
     if d.in_memory_limit_gib <= 0:
         raise ConfigError(f"--in-memory-limit-gib {d.in_memory_limit_gib} must be positive.")
     if t.target_accuracy is not None and not 0 < t.target_accuracy <= 1:
@@ -79,6 +122,13 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--label-smoothing {o.label_smoothing} must be in [0, 1).")
     if o.warmup_epochs < 0:
         raise ConfigError(f"--warmup-epochs {o.warmup_epochs} must be >= 0.")
+    if o.max_grad_norm is not None and o.max_grad_norm <= 0:
+        if o.max_grad_norm == 0:
+            raise ConfigError("--max-grad-norm 0 would clip every gradient to zero (no update at all); to "
+                              "train without clipping leave --max-grad-norm out (or give --max-grad-norm none), "
+                              "to clip give a positive norm such as 1.0.")
+        raise ConfigError(f"--max-grad-norm {o.max_grad_norm} must be positive: a negative norm would turn "
+                          "every step around (gradient ascent). Give e.g. 1.0, or leave it out for no clipping.")
     dist = cfg.distributed
     if dist.zero_stage is not None and not 0 <= dist.zero_stage <= 3:
         raise ConfigError(f"--zero-stage {dist.zero_stage} does not exist; DeepSpeed ZeRO stages are 0, 1, 2 and 3.")

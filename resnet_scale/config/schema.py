@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from resnet_scale.config.errors import ConfigError
-from resnet_scale.config.values import coerce_value
+from resnet_scale.config.values import _shown, coerce_value
 
 BLOCKS = ("plain", "basic", "bottleneck")
 STEMS = ("auto", "cifar", "imagenet")
@@ -313,35 +313,57 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base: "Config | None" = None) -> "Config":
-        """Overlay a nested dict (as saved in config.json) on ``base`` (default: the defaults).
+        """Overlay a nested dict (the ``config`` part of a run's config.json) on ``base`` (default:
+        the defaults).
 
-        Unknown sections or keys are errors that list the valid ones. Keys that are not config
-        sections (``versions``, ``git_commit`` ... saved beside it in config.json) are ignored.
+        Every top-level key must be a section and every key of a section one of its fields: an
+        unknown section, a field written at the top level (a flat layout) or in the wrong section
+        is an error that says where it belongs.
         """
         cfg = copy.deepcopy(base) if base is not None else cls()
-        sections = {s.name for s in dataclasses.fields(cls)}
+        sections = [s.name for s in dataclasses.fields(cls)]
+        owner = {f.name: s for s in sections for f in dataclasses.fields(getattr(cfg, s))}
         for section, values in raw.items():
             if section not in sections:
-                continue
+                raise ConfigError(_misplaced(section, None, owner, sections))
             if not isinstance(values, dict):
-                raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}.")
+                raise ConfigError(f"config section '{section}' must be a mapping of its keys, got {_shown(values)}.")
             target = getattr(cfg, section)
             names = {f.name: f for f in dataclasses.fields(target)}
             for key, value in values.items():
                 if key not in names:
-                    raise ConfigError(
-                        f"unknown config key '{section}.{key}'; valid keys of '{section}': {', '.join(names)}."
-                    )
+                    raise ConfigError(_misplaced(key, section, owner, sections))
                 setattr(target, key, coerce_value(type(target), names[key], value, f"{section}.{key}"))
         return cfg
 
 
+def _misplaced(key: Any, section: str | None, owner: dict[str, str], sections: list[str]) -> str:
+    """The message for a key that is not where it may be: at the top level (``section`` None) only
+    sections may stand; in a section only its own fields."""
+    field = str(key).replace("-", "_")
+    home = owner.get(field)
+    if section is None:
+        if home is not None:
+            return (f"config key '{key}' stands at the top level; every key belongs under its section "
+                    f"('{home}:' then '  {field}: ...'); the top level holds only {', '.join(sections)}.")
+        return f"unknown config section '{key}'; the sections are {', '.join(sections)}."
+    if home is not None and home != section:
+        return f"config key '{section}.{key}' belongs to section '{home}': write it as '{home}.{field}'."
+    valid = [name for name, where in owner.items() if where == section]
+    return f"unknown config key '{section}.{key}'; valid keys of '{section}': {', '.join(valid)}."
+
+
 def load_config_file(path: str | Path, base: Config | None = None) -> Config:
-    """Read a YAML or JSON config (nested by section, as ``config.json`` of a run)."""
+    """Read a YAML or JSON config (nested by section, as ``config.json`` of a run). Every problem
+    with the file is one ConfigError line that names it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file.")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"--config {path}: cannot read it ({reason}).") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -349,10 +371,16 @@ def load_config_file(path: str | Path, base: Config | None = None) -> Config:
             raw = yaml.safe_load(text) or {}
         else:
             raw = json.loads(text)
-    except Exception as err:  # the parser's own message says where
-        raise ConfigError(f"--config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
+    except Exception as err:  # the parser's own message says where; on one line
+        kind = path.suffix.lstrip(".").upper() or "JSON"
+        raise ConfigError(f"--config {path} is not valid {kind}: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path} must hold a mapping of sections (model, data, optim, train).")
-    if "config" in raw and isinstance(raw["config"], dict):  # a run's config.json wraps it
+    if "config" in raw:  # a run's config.json wraps it (beside the environment, memory plan ...)
         raw = raw["config"]
-    return Config.from_dict(raw, base)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: 'config' must be a mapping of sections, got {raw!r}.")
+    try:
+        return Config.from_dict(raw, base)
+    except ConfigError as err:
+        raise ConfigError(f"--config {path}: {err}") from None

@@ -13,13 +13,14 @@ Two paths over the same folders, with the same checks and the same pixels:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .imageset import DataError, log
+from .imageset import DataError, check_host_memory, log
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _LAYOUT = "data_dir/train/<class>/*.png (or .jpg, ...) and data_dir/test/<class>/... (or val/)"
@@ -51,8 +52,37 @@ def _load_image(path: Path, size: int) -> np.ndarray:
             left, top = (nw - size) // 2, (nh - size) // 2
             img = img.crop((left, top, left + size, top + size))
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read this image ({exc}); delete or replace the file") from exc
+
+
+def _verify_image(path: Path) -> None:
+    """Decode ``path`` once, cheaply, or raise :func:`_load_image`'s DataError: a JPEG at 1/8 scale
+    (its whole entropy-coded stream is still read, so truncation and corrupt data show), every
+    other format in full at its own size (PNG: every chunk, CRC and the zlib stream)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (1, 1))
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read this image ({exc}); delete or replace the file") from exc
+
+
+def verify_images(files: list[str] | list[Path], threads: int | None = None) -> None:
+    """Decode every file of ``files`` (:func:`_verify_image`), in threads (PIL decodes without the
+    GIL); the first unreadable one in list order is the DataError raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or min(8, os.cpu_count() or 1)
+    if threads <= 1 or len(files) < 64:
+        for path in files:
+            _verify_image(Path(path))
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(_verify_image, map(Path, files), chunksize=16):
+            pass
 
 
 def _list_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
@@ -73,6 +103,8 @@ def _list_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[i
 
 def _load_split(split_dir: Path, classes: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     files, labels = _list_split(split_dir, classes)
+    check_host_memory(len(files) * 3 * size * size, f"{split_dir}: {len(files):,} images at {size}x{size} px",
+                      "use a smaller --image-size, or --in-memory no to stream the images from disk")
     images = np.empty((len(files), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(files):  # load time only; never in the training loop
         images[i] = _load_image(path, size).transpose(2, 0, 1)
@@ -95,6 +127,9 @@ def _find_splits(data_dir: str | None, image_size: int | None) -> tuple[Path, Pa
     classes = _classes(train_dir)
     if not classes:
         raise DataError(f"{train_dir}: no class folders; expected {_LAYOUT}")
+    if len(classes) == 1:
+        raise DataError(f"{train_dir}: one class folder ({classes[0]}) only; a classifier needs at least 2 "
+                        f"classes: add a folder of images per class ({_LAYOUT})")
     test_classes = _classes(test_dir)
     if test_classes != classes:
         only_train = sorted(set(classes) - set(test_classes))
@@ -197,7 +232,8 @@ def index_imagefolder(data_dir: str | None, image_size: int | None) -> tuple[Ima
     folder, no ``image_size``. The one decoding done here is for the normalisation statistics: mean
     and std of a fixed sample of at most ``STATS_SAMPLE`` (1,000) train images (:func:`sample_stats`),
     which for a folder of <= 1,000 train images equals the in-memory path's statistics up to float64
-    rounding.
+    rounding. Every test image is decoded once (:func:`verify_images`: a JPEG at 1/8 scale, in
+    threads), so an unreadable one is refused here rather than after the first epoch of training.
     """
     _check_size(image_size)
     root, train_dir, test_dir, classes = _find_splits(data_dir, image_size)
@@ -206,7 +242,12 @@ def index_imagefolder(data_dir: str | None, image_size: int | None) -> tuple[Ima
     log.info("indexed image folders in %s: %d train / %d %s files, %d classes; mean/std from %d train images",
              root, len(train_files), len(test_files), test_dir.name, len(classes),
              min(len(train_files), STATS_SAMPLE))
+    # PIL holds a resized RGB image at 4 bytes a pixel, then the crop and its array: ~12 bytes a pixel.
+    check_host_memory(12 * image_size * image_size, f"one image decoded at {image_size}x{image_size} px",
+                      "use a smaller --image-size")
     mean, std = sample_stats(train_files, image_size)
+    # The test split is first read after the first epoch: a bad file there is found now, before a step.
+    verify_images(test_files)
     return tuple(  # type: ignore[return-value]
         ImageFolderIndex(files, torch.tensor(labels, dtype=torch.int64), classes, mean, std, image_size)
         for files, labels in ((train_files, train_labels), (test_files, test_labels))

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .budget import available_memory_bytes, format_size
+
 log = logging.getLogger("resnet_scale.data")
 
 # Rows per chunk when resizing or summing statistics: bounds the float32 temporaries to
@@ -76,6 +78,25 @@ class ImageSet:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
 
+def check_host_memory(nbytes: int, what: str, fix: str) -> None:
+    """Raise DataError, before anything is allocated, when ``what`` (``nbytes``) cannot fit in the
+    host memory available now."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise DataError(f"{what} would take {format_size(nbytes)} of memory ({nbytes:,} bytes), more than the "
+                        f"{format_size(available)} available; {fix}")
+
+
+def check_device_memory(nbytes: int, device: torch.device, what: str, fix: str) -> None:
+    """Raise DataError when ``what`` cannot fit in the free memory of CUDA ``device`` (other devices:
+    no check)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes > free:
+            raise DataError(f"{what} would take {format_size(nbytes)} on {device}, more than its "
+                            f"{format_size(free)} of free memory; {fix}")
+
+
 def channel_stats(images: torch.Tensor, std_floor: float = 1e-3) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of uint8 N x C x H x W images on the [0, 1] scale.
 
@@ -109,6 +130,9 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
         raise DataError(f"image_size must be a positive number of pixels, got {size}")
     if images.shape[2] == size and images.shape[3] == size:
         return images
+    n, c = images.shape[0], images.shape[1]
+    check_host_memory(n * c * size * size, f"{n:,} images resized to {size}x{size} px",
+                      "use a smaller --image-size")
     out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
     for start in range(0, images.shape[0], _CHUNK):
         x = images[start:start + _CHUNK].float()

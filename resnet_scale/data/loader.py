@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .imageset import DataError, ImageSet  # noqa: F401  (DataError stays importable from here)
+from .imageset import DataError, ImageSet, check_device_memory  # noqa: F401  (DataError stays importable from here)
 from .sharding import (  # noqa: F401  (epoch_seed, random_crop, random_flip: re-exported from here)
     LoaderBase,
     epoch_draws,
@@ -76,6 +76,9 @@ class DeviceLoader(LoaderBase):
         dtype: torch.dtype = torch.float32,
         drop_last: bool = False,
     ) -> None:
+        check_device_memory(data.images.nbytes + data.labels.nbytes, torch.device(device),
+                            f"the {'train' if train else 'test'} split ({len(data):,} images)",
+                            "use a smaller --image-size, or --in-memory no to stream an image folder")
         self._configure(len(data), data.mean, data.std, batch_size=batch_size, device=device, rank=rank,
                         world_size=world_size, train=train, seed=seed, crop_padding=crop_padding, flip=flip,
                         channels_last=channels_last, dtype=dtype, drop_last=drop_last)

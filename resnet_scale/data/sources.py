@@ -15,7 +15,14 @@ import torch
 
 from resnet_scale.config import NATIVE_IMAGE_SIZE, SOURCES
 
-from .imageset import DataError, ImageSet, channel_stats, log, make_split
+from .imageset import (
+    DataError,
+    ImageSet,
+    channel_stats,
+    check_host_memory,
+    log,
+    make_split,
+)
 
 # The digits test split is fixed (this seed, whatever the run's seed) so every run scores the same images.
 _DIGITS_SPLIT_SEED = 0
@@ -113,6 +120,9 @@ def _synthetic(samples: tuple[int, int], num_classes: int, size: int, seed: int)
         raise DataError(f"synthetic_samples must be two positive counts (train, test), got {samples}")
     if num_classes < 1:
         raise DataError(f"num_classes must be >= 1 for synthetic data, got {num_classes}")
+    check_host_memory((n_train + n_test) * 3 * size * size,
+                      f"the synthetic data ({n_train:,} train + {n_test:,} test images of 3 x {size} x {size} bytes)",
+                      "lower --synthetic-train-samples / --synthetic-test-samples or --image-size")
     g = torch.Generator().manual_seed(seed)
     parts = []
     for n in (n_train, n_test):

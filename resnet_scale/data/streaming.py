@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .imagefolder import ImageFolderIndex, _load_image
-from .imageset import DataError
+from .imageset import DataError, check_host_memory
 from .sharding import LoaderBase, epoch_draws, rank_spans
 
 
@@ -130,6 +130,12 @@ class StreamingLoader(LoaderBase):
             raise DataError(f"num_workers must be an int >= 0 (0: decode in the training process), "
                             f"got {num_workers!r}")
         self.num_workers = num_workers
+        # One batch as uint8 and as ``dtype``, and the uint8 batches the workers prefetch (two each).
+        side = int(index.image_size)
+        per_image = 3 * side * side
+        check_host_memory(self.local_batch_size * per_image * (1 + dtype.itemsize + 2 * num_workers),
+                          f"a batch of {self.local_batch_size:,} images at {side}x{side} px (with "
+                          f"{num_workers} workers prefetching)", "use a smaller --image-size or --batch-size")
         self.sampler = RankBatchSampler(n, batch_size=batch_size, world_size=world_size, rank=rank,
                                         train=train, seed=self.seed, crop_padding=self.crop_padding,
                                         drop_last=self.drop_last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional
 
@@ -47,6 +48,9 @@ def parse_bytes(text: Optional[str]) -> Optional[int]:
             "bytes, or auto (the GPU's free memory)."
         )
     value = float(m.group(1)) * _UNITS[unit or "b"]
+    if not math.isfinite(value) or value > 2**63 - 1:
+        raise ConfigError(f"--max-memory {raw[:24]!r}{'...' if len(raw) > 24 else ''} is larger than any "
+                          "memory (more than 2^63 bytes); write e.g. 80GiB, or auto.")
     if value < 1:
         raise ConfigError(f"--max-memory {raw!r} must be a positive size, e.g. 8GiB.")
     return int(value)

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+#: The summary.json values a report computes with: each a number or null.
+SUMMARY_NUMBERS = ("final_accuracy", "best_accuracy", "final_test_loss", "wall_time_s", "images_per_s",
+                   "peak_memory_bytes", "num_parameters", "weighted_layers", "epochs", "time_to_target_s")
+#: The metrics.jsonl values a report plots: each a number or null (and "split" a string).
+RECORD_NUMBERS = ("step", "epoch", "loss", "accuracy", "lr", "images_per_s", "time_s")
 
 
 class ReportError(ValueError):
@@ -43,11 +48,40 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise ReportError(f"{path}: cannot read it ({err.strerror}).") from None
+    except UnicodeDecodeError as err:
+        raise ReportError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged. Re-run the run, "
+                          "or leave its folder out of the report.") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ReportError(f"{path}: cannot read it as JSON ({err}).") from None
+        return json.loads(_read_text(path))
+    except ValueError as err:
+        raise ReportError(f"{path}: cannot read it as JSON ({err}); the file is damaged. Re-run the run, or "
+                          "leave its folder out of the report.") from None
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(where: str, record: Any, keys: tuple[str, ...]) -> None:
+    """``record`` is a JSON object whose ``keys`` (those present) hold numbers or null."""
+    if not isinstance(record, dict):
+        raise ReportError(f"{where} holds {json.dumps(record)[:40]}, not a JSON object; the file is damaged. "
+                          "Re-run the run, or leave its folder out of the report.")
+    for key in keys:
+        if not _is_number(record.get(key)):
+            raise ReportError(f"{where}: {key!r} is {json.dumps(record[key])[:40]}, not a number; the file is damaged. "
+                              "Re-run the run, or leave its folder out of the report.")
+    if not isinstance(record.get("split", ""), str):
+        raise ReportError(f"{where}: 'split' is {json.dumps(record['split'])[:40]}, not a string; the file is "
+                          "damaged. Re-run the run, or leave its folder out of the report.")
 
 
 def load_run(path: str | Path) -> Run:
@@ -61,15 +95,23 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"{path} is {what}: it has no {', '.join(missing)}. A run folder holds "
                           f"{', '.join(RUN_FILES)} (written by resnet-scale train).")
     records = []
-    for number, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), start=1):
+    lines = _read_text(path / "metrics.jsonl").splitlines()
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+    for number, line in enumerate(lines, start=1):
         if line.strip():
+            where = f"{path / 'metrics.jsonl'} line {number}"
             try:
-                records.append(json.loads(line))
-            except ValueError:
-                raise ReportError(f"{path / 'metrics.jsonl'} line {number} is not JSON.") from None
+                record = json.loads(line)
+            except ValueError as err:
+                cut = " (the last line is cut: the run was killed while writing it)" if number == last else ""
+                raise ReportError(f"{where} is not JSON ({err}); the file is damaged{cut}. Re-run the run, or "
+                                  "leave its folder out of the report.") from None
+            _check_numbers(where, record, RECORD_NUMBERS)
+            records.append(record)
     payload, summary = _read_json(path / "config.json"), _read_json(path / "summary.json")
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
         raise ReportError(f"{path / 'config.json'} has no \"config\" section; is this a resnet-scale run?")
+    _check_numbers(str(path / "summary.json"), summary, SUMMARY_NUMBERS)
     return Run(path=path, payload=payload, summary=summary, records=records)
 
 

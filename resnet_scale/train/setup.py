@@ -193,6 +193,9 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
 
     with agreed(accelerator):  # a file one process cannot read stops every process
         train_set, test_set = _build_data(cfg)
+    if cfg.train.batch_size > len(train_set):
+        raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the training split ({len(train_set):,} "
+                          f"{cfg.data.source} images); use --batch-size {len(train_set)} or less, or more data.")
     layers, _ = cfg.layers()
     model = build_resnet(cfg.model.block, cfg.model.depth, stem=cfg.stem(), num_classes=len(train_set.classes),
                          layers=cfg.model.layers, zero_init_residual=cfg.model.zero_init_residual)
