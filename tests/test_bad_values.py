@@ -76,6 +76,18 @@ assert len(INT_FLAGS) >= 15
 
 # ----------------------------------------------------------------------------- every float flag
 
+@pytest.mark.parametrize("argv", [["train", "--lr", "nan"], ["train", "--bach-size", "3"], ["plan", "--depth", "x"],
+                                  ["trian"]])
+def test_a_refused_flag_is_the_only_line_on_stderr(capsys, argv):
+    """argparse prints its whole usage block before the error; here the error line is all there is
+    (with the pointer to --help), so the line that matters is not buried under 50 lines."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert ": error: " in err and "--help" in err and "usage:" not in err
+
+
 @pytest.mark.parametrize("flag, optional", FLOAT_FLAGS, ids=[f for f, _ in FLOAT_FLAGS])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "NaN"])
 def test_every_float_flag_refuses_non_finite_values(capsys, tmp_path, flag, optional, value):

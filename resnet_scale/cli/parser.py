@@ -24,6 +24,13 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extra)}{hint}; see {self.prog} --help for the flags")
         return ns, extra
 
+    def error(self, message: str):
+        """ONE line and exit status 2: argparse would print the whole usage block first, which buries
+        the line that says what was wrong (``--help`` shows the usage)."""
+        if "--help" not in message:
+            message = f"{message.rstrip('. ')}; see {self.prog} --help for the flags"
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
 
 def standalone(module, argv: list[str] | None = None) -> int:
     """Run one subcommand module (``add_arguments`` + ``run``) without the ``resnet-scale`` front:
