@@ -24,6 +24,8 @@ from resnet_scale.train.run_dir import load_weights
 from resnet_scale.train.state import LoopState
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_bad_input import _refused as _error_line  # noqa: E402
+from test_bad_input import _tree  # noqa: E402
 from test_resume import _metrics  # noqa: E402
 from test_train_e2e import REPO, run_cli  # noqa: E402
 
@@ -76,21 +78,6 @@ def _flip_tensor_byte(path: Path) -> None:
         load_weights(path)
     else:
         verify_checkpoint_files(path.parent)
-
-
-def _tree(root: Path) -> dict[str, tuple[bytes | None, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
-
-
-def _error_line(out, *words: str) -> str:
-    assert out.returncode == 2, f"exit {out.returncode}\n{out.stderr[-3000:]}"
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    errors = [line for line in out.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1, out.stderr[-3000:]
-    for word in words:
-        assert word in errors[0], f"{word!r} not in: {errors[0]}"
-    return errors[0]
 
 
 def test_every_file_of_a_checkpoint_is_recorded_in_its_marker(stopped):
