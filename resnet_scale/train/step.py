@@ -92,13 +92,23 @@ def apply_update(accelerator: Accelerator, optimizer: torch.optim.Optimizer, non
     not read here), or DeepSpeed's own answer."""
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate: the torch optimizer it wraps
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if accelerator.sync_gradients and not deepspeed:
+    if (accelerator.sync_gradients and not deepspeed and nonfinite is not None
+            and not all(group.get("fused") for group in inner.param_groups)):
+        # An optimizer without the fused kernel (not build_optimizer's) cannot take the flag: decided
+        # on the host, one synchronisation per step.
+        if bool(nonfinite):
+            if buffers is not None:
+                buffers.restore()
+            optimizer.zero_grad(set_to_none=True)
+            return nonfinite
+        nonfinite = None
+    elif accelerator.sync_gradients and not deepspeed:
         _momentum_ready(inner)
         inner.grad_scale, inner.found_inf = None, nonfinite  # fp16: the GradScaler sets both in step()
     optimizer.step()
     withheld: torch.Tensor | bool = bool(getattr(optimizer, "step_was_skipped", False))
     if accelerator.sync_gradients and not deepspeed:
-        withheld = inner.found_inf if inner.found_inf is not None else withheld
+        withheld = getattr(inner, "found_inf", None) if getattr(inner, "found_inf", None) is not None else withheld
         inner.grad_scale = inner.found_inf = None
         if nonfinite is not None and buffers is not None:
             buffers.restore_where(nonfinite)
