@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -82,8 +81,7 @@ def _reads(tmp_path: Path, steps: int, precision: str) -> HostReads:
     cfg = config_from_args(parser.parse_args(argv)).validate()
     AcceleratorState._reset_state(True)
     with HostReads() as reads:
-        summary = train(cfg)
-    assert summary["steps"] == steps if "steps" in summary else True
+        train(cfg)
     return reads
 
 
@@ -155,4 +153,5 @@ def test_a_nonfinite_step_is_withheld_on_the_device_bit_for_bit():
     mid = state(net, opt)
     assert all(torch.equal(a, b) for a, b in zip(mid[0], state(ref_net, ref_opt)[0]))
     train_step(acc, net, opt, poisoned, labels, buffers=snapshot)  # withheld again, with momentum in use
-    assert all(torch.equal(a, b) for a, b in zip(mid[0] + mid[1], sum(state(net, opt), [])))
+    weights, momentum = state(net, opt)
+    assert all(torch.equal(a, b) for a, b in zip(mid[0] + mid[1], weights + momentum))
