@@ -1,18 +1,30 @@
-"""Decisions every rank takes together after each optimizer step: stop (SIGTERM / SIGUSR1), save
-a checkpoint (every N steps or M minutes) and what a non-finite loss means.
+"""Decisions every rank takes together after an optimizer step: stop (SIGTERM / SIGUSR1 / Ctrl-C),
+save a checkpoint (every N steps or M minutes) and what a non-finite loss means, taken without a
+host synchronisation in a step that does not log, save or stop.
 
-With several processes they travel in ONE small all-reduce per step (the main process's clock
-decides the time-based saves, any rank's signal or non-finite loss counts for all), so every
-rank saves, skips or stops at the same step. With one process the only synchronisation is
-reading whether the loss was finite.
+Each step's flags stay on the device: :meth:`LoopControl.after_step` only keeps references to them.
+They are read in ONE transfer at a *read point*: a step that logs, a step the checkpoint schedule
+saves at, and (one process) a step a signal or the clock asks to save at. There the bad steps since
+the last read point are gone through one by one, exactly as if each had been read after its own
+step: the same warnings, the same count of ``--max-bad-steps`` in a row. What lags is only when
+the stop happens: the run stops at the first read point at or after the step that made the count
+(named in the message); the steps in between trained on (each non-finite one withheld, as before),
+and no checkpoint is written after that step, since every save point is a read point.
+
+With several processes the read point carries ONE small all-reduce (the non-finite flags of every
+step since the last one, a signal on any rank, the main process's clock for time-based saves), so
+every rank saves, skips or stops at the same step. A signal or a time-based save therefore waits for
+the next read point (at most ``--log-every`` steps). With one process both are host values, looked
+at after every step for free.
 
 Non-finite losses (Goodfellow et al. 2016 §8.2 on exploding gradients; fp16 loss scaling is
 Micikevicius et al. 2018): under fp16 the GradScaler already skips an update whose gradients
-overflow (``skipped`` steps). Under bf16/fp32 ``train_step`` skips the update itself when the
-all-reduced gradient norm is not finite, so the weights stay finite; ``--max-bad-steps`` such
-steps in a row stop the run. DeepSpeed applies its update inside ``backward``, before anyone can
-look, so there the first non-finite loss stops the run. Whatever happens, weights that are not
-finite are never written: ``check_finite_weights`` runs before every checkpoint and the final save.
+overflow (``skipped`` steps). Under bf16/fp32 ``train_step`` withholds the update itself, on the
+device, when the all-reduced gradient norm is not finite, so the weights stay finite;
+``--max-bad-steps`` such steps in a row stop the run. DeepSpeed applies its update inside
+``backward``, before anyone can look, so there the first non-finite loss stops the run (at the next
+read point, before anything is saved). Whatever happens, weights that are not finite are never
+written: ``check_finite_weights`` runs before every checkpoint and the final save.
 """
 
 from __future__ import annotations
@@ -47,7 +59,18 @@ class NonFiniteError(Exception):
 class Decision:
     stop: bool  # a signal asked every rank to save and stop
     save: bool  # save a checkpoint after this step
-    bad: bool  # this step's loss or gradient was not finite (its update was skipped)
+    read: Interval | None = None  # at a read point: the steps since the last one
+
+
+@dataclass
+class Interval:
+    """The steps since the last read point, as read at this one."""
+
+    loss_sum: torch.Tensor  # sums over this rank's steps whose loss and gradient were finite (on the device)
+    correct: torch.Tensor
+    count: int
+    grad_norm: torch.Tensor | None  # the gradient norm of the newest such step (None: none had one)
+    skipped: int  # steps whose update was withheld (fp16 overflow or non-finite gradients)
 
 
 class LoopControl:
@@ -65,32 +88,60 @@ class LoopControl:
                                                    "newest checkpoint")  # what to change: see resume_advice
         self.last_save = time.monotonic()
         self.stop_flag = StopFlag().install()
+        self.pending: list[tuple[int, StepResult]] = []  # (step, result) since the last read point
 
-    def after_step(self, step: int, result: StepResult) -> Decision:
+    def after_step(self, step: int, result: StepResult, *, log: bool) -> Decision:
+        """Keep the step's (device) flags; at a read point (``log``: the loop writes a train line after
+        this step; a checkpoint is due; one process: a signal) read them all and decide."""
         acc = self.accelerator
+        self.pending.append((step, result))
+        scheduled = bool(self.every_steps and step % self.every_steps == 0)
         due = bool(self.every_seconds and acc.is_main_process
                    and time.monotonic() - self.last_save >= self.every_seconds)
-        if acc.num_processes > 1:
-            flags = torch.stack([
-                torch.tensor(float(self.stop_flag.requested), device=acc.device),
-                torch.tensor(float(due), device=acc.device),
-                (~torch.isfinite(result.loss_sum)).float().to(acc.device),
-            ])
-            stop, due, nonfinite = (v > 0 for v in acc.reduce(flags, reduction="sum").tolist())
-        else:
-            stop, nonfinite = self.stop_flag.requested, not bool(torch.isfinite(result.loss_sum))
-        bad = nonfinite or not result.finite
-        if bad:
-            self._bad(step, result)
-        else:
-            self.bad_in_a_row = 0
-        save = stop or due or bool(self.every_steps and step % self.every_steps == 0)
-        return Decision(stop=stop, save=save, bad=bad)
+        several = acc.num_processes > 1
+        if not (log or scheduled or (not several and (due or self.stop_flag.requested))):
+            return Decision(stop=False, save=False)
+        stop, due, interval = self._read(self.stop_flag.requested, due)
+        return Decision(stop=stop, save=stop or due or scheduled, read=interval)
 
-    def _bad(self, step: int, result: StepResult) -> None:
+    def _read(self, stop: bool, due: bool) -> tuple[bool, bool, Interval]:
+        """The one host read of a read point (with several processes: one all-reduce first)."""
+        acc, pending = self.accelerator, self.pending
+        self.pending = []
+        results = [r for _, r in pending]
+        device = results[0].loss_sum.device
+        losses = torch.stack([r.loss_sum for r in results])
+        grad_bad = _column([r.nonfinite for r in results], device)
+        withheld = _column([r.withheld for r in results], device)
+        bad = ((~torch.isfinite(losses)).double() + grad_bad).clamp(max=1)
+        if acc.num_processes > 1:  # any rank's non-finite loss counts for all; signals too; rank 0's clock
+            flags = torch.cat([bad, torch.tensor([float(stop), float(due)], dtype=torch.float64).to(device)])
+            flags = acc.reduce(flags, reduction="sum")
+            bad, stop_due = flags[:-2].clamp(max=1), flags[-2:]
+        else:
+            stop_due = torch.tensor([float(stop), float(due)], dtype=torch.float64)
+        host = torch.cat([bad, withheld, losses, stop_due.to(device)]).tolist()  # the one synchronisation
+        n = len(results)
+        bad_steps, withheld_steps, loss_values = host[:n], host[n:2 * n], host[2 * n:3 * n]
+        for (step, _), was_bad, loss in zip(pending, bad_steps, loss_values):
+            if was_bad:
+                self._bad(step, loss)
+            else:
+                self.bad_in_a_row = 0
+        keep = bad == 0
+        good = [r for r, was_bad in zip(results, bad_steps) if not was_bad]
+        norms = [r.grad_norm for r in good if r.grad_norm is not None]
+        interval = Interval(
+            loss_sum=torch.where(keep, losses, 0).sum(),
+            correct=torch.where(keep, torch.stack([r.correct for r in results]).double(), 0).sum(),
+            count=sum(r.count for r in good), grad_norm=norms[-1] if norms else None,
+            skipped=int(sum(withheld_steps)))
+        return host[-2] > 0, host[-1] > 0, interval
+
+    def _bad(self, step: int, loss: float) -> None:
         self.bad_steps += 1
         self.bad_in_a_row += 1
-        what = f"step {step}: the loss or gradient is not finite (loss sum {float(result.loss_sum):.4g} on this rank)"
+        what = f"step {step}: the loss or gradient is not finite (loss sum {loss:.4g} on this rank)"
         if self.deepspeed:
             raise NonFiniteError(
                 f"{what}; DeepSpeed applied the update inside backward, so the weights of step {step} cannot be "
@@ -109,6 +160,17 @@ class LoopControl:
 
     def close(self) -> None:
         self.stop_flag.restore()
+
+
+def _column(values: list, device: torch.device) -> torch.Tensor:
+    """The steps' flags as float64 on the device: device flags are stacked there; host flags (None:
+    no such flag; DeepSpeed's skipped answer is a host bool) become one small tensor, copied once."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([v.reshape(()).double() for v in values])
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return torch.tensor([float(bool(v)) for v in values], dtype=torch.float64).to(device)
+    return torch.stack([v.reshape(()).double() if isinstance(v, torch.Tensor)
+                        else torch.tensor(float(bool(v)), dtype=torch.float64).to(device) for v in values])
 
 
 def resume_advice(cfg: Config, precision: str, checkpoints: list[Path], first_bad: int | None = None) -> str:

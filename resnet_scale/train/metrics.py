@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from resnet_scale.train.step import StepResult
 
 
 @dataclass
@@ -38,10 +37,10 @@ class Window:
         self.count.fill_(saved["count"])
         self.started = time.perf_counter() - saved["elapsed"]
 
-    def add(self, result: StepResult) -> None:
-        self.loss_sum += result.loss_sum
-        self.correct += result.correct
-        self.count += result.count
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.count += count
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
@@ -49,10 +48,15 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def reduce_sums(accelerator: Accelerator, *values: torch.Tensor) -> list[float]:
-    """Sum scalars over all ranks (one collective) and return them as Python floats."""
+def reduce_sums(accelerator: Accelerator, *values: torch.Tensor, local: torch.Tensor | None = None) -> list[float]:
+    """Sum scalars over all ranks (one collective) and return them as Python floats, in one host read;
+    ``local``: a scalar of this rank read with them (not summed), last in the list."""
     stacked = torch.stack([v.double() for v in values])
-    return accelerator.reduce(stacked, reduction="sum").tolist()
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="sum")
+    if local is not None:
+        stacked = torch.cat([stacked, local.detach().reshape(1).double().to(stacked.device)])
+    return stacked.tolist()
 
 
 @torch.no_grad()

@@ -39,10 +39,9 @@ from resnet_scale.train.step import (
     BufferSnapshot,
     StepResult,
     apply_update,
-    gradients_finite,
     micro_batch_loss,
+    nonfinite_flag,
     split_micro_batches,
-    step_result,
 )
 
 _BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
@@ -192,9 +191,10 @@ def guarded_step(accelerator: Accelerator, model: nn.Module, optimizer, images: 
         _coalesced([p.grad for p in params if p.grad is not None],
                    lambda flat: (dist.all_reduce(flat), flat.div_(world)))
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    finite = gradients_finite(accelerator, grad_norm)
-    apply_update(optimizer, finite, buffers)
-    return step_result(optimizer, loss_sum, correct, n, grad_norm, finite)
+    nonfinite = nonfinite_flag(accelerator, grad_norm)
+    withheld = apply_update(accelerator, optimizer, nonfinite, buffers)
+    return StepResult(loss_sum=loss_sum, correct=correct, count=n, grad_norm=grad_norm, nonfinite=nonfinite,
+                      withheld=withheld)
 
 
 def step_with_recovery(accelerator: Accelerator, model: nn.Module, optimizer, images: torch.Tensor,

@@ -27,9 +27,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD with (Nesterov) momentum; ``lr`` is the peak rate, reached after warmup."""
+    """SGD with (Nesterov) momentum; ``lr`` is the peak rate, reached after warmup.
+
+    The fused kernel (one per device and dtype) takes a ``found_inf`` flag on the device and then
+    leaves parameters and momentum untouched: how a step with non-finite gradients is withheld without
+    the host reading the flag (``step.apply_update``; fp16's GradScaler passes its own flag the same way)."""
     return torch.optim.SGD(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True
     )
 
 
@@ -56,8 +60,9 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-optimizer-step schedule. Stepped once per optimizer step by the trainer (not passed
-    through ``accelerator.prepare``, which would step it once per process)."""
+    """A per-step schedule. Stepped once per training step by the trainer, a step whose update was
+    withheld included (whether it was is a device flag, not read per step), and not passed through
+    ``accelerator.prepare``, which would step it once per process."""
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -132,7 +132,8 @@ def uninterrupted() -> Iterator[None]:
 
 
 class StopFlag:
-    """Set by SIGTERM, SIGUSR1 or a first Ctrl-C; the loop checks it after each optimizer step."""
+    """Set by SIGTERM, SIGUSR1 or a first Ctrl-C; the loop checks it after each optimizer step (with
+    several processes: at the next read point of ``control.LoopControl``, where the ranks agree)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

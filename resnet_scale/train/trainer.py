@@ -97,21 +97,18 @@ class Trainer:
             result = self._step(images, labels)
             state.step += 1
             state.epoch, state.epoch_step = epoch, epoch_step
-            try:
-                decision = self.control.after_step(state.step, result)
+            run.scheduler.step()  # the schedule follows the step (a withheld update too): no host read per step
+            log = state.step % t.log_every == 0 or state.step == run.total_steps or epoch_step == run.steps_per_epoch
+            try:  # flags stay on the device until a read point (a log line, a save, a stop): see control.py
+                decision = self.control.after_step(state.step, result, log=log)
             except NonFiniteError:  # too many bad steps: close what is open; nothing non-finite is saved
                 self._close()
                 raise
-            if result.stepped:
-                run.scheduler.step()  # counts optimizer steps (not passed through prepare: see optim.py)
-            else:
-                state.skipped += 1  # fp16 loss scaling or a non-finite gradient: the update was withheld
-            if not decision.bad:  # a non-finite loss would poison the window's averages
-                self.window.add(result)
-                self.grad_norm = result.grad_norm if result.grad_norm is not None else self.grad_norm
+            if decision.read is not None:  # the finite steps since the last read point join the window
+                self._add(decision.read)
             if batches is not None:
                 self.seen_samples.setdefault(epoch, []).extend(batches[epoch_step - 1].tolist())
-            if state.step % t.log_every == 0 or state.step == run.total_steps or epoch_step == run.steps_per_epoch:
+            if log:
                 self._log_train(epoch, epoch_step)
             else:
                 run.progress.update(state.step, epoch + 1, {}, log_line=False)
@@ -124,6 +121,12 @@ class Trainer:
                     raise Preempted(saved_at)
             if state.step == run.total_steps:
                 break
+
+    def _add(self, read) -> None:
+        """Count the steps of a read point's interval: window sums, newest gradient norm, withheld updates."""
+        self.window.add(read.loss_sum, read.correct, read.count)
+        self.grad_norm = read.grad_norm if read.grad_norm is not None else self.grad_norm
+        self.state.skipped += read.skipped
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """One optimizer step; with --oom-recovery, redone with smaller micro-batches until it fits."""
@@ -141,7 +144,11 @@ class Trainer:
     def _log_train(self, epoch: int, epoch_step: int) -> None:
         """The train line of the steps since the last one (summed over ranks); a new window starts."""
         run, state, window = self.run, self.state, self.window
-        loss_sum, correct, count = reduce_sums(run.accelerator, window.loss_sum, window.correct, window.count)
+        # One host read: the window's sums over ranks and the newest gradient norm (NaN: none yet)
+        norm = self.grad_norm if isinstance(self.grad_norm, torch.Tensor) else torch.tensor(
+            float("nan") if self.grad_norm is None else self.grad_norm)
+        loss_sum, correct, count, grad_norm = reduce_sums(run.accelerator, window.loss_sum, window.correct,
+                                                          window.count, local=norm)
         if count:  # else every step since the last line was non-finite: nothing to average
             elapsed = time.perf_counter() - window.started
             state.train_time += elapsed
@@ -152,7 +159,7 @@ class Trainer:
                 "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": count / elapsed,
                 "step_time_s": elapsed / (state.step - state.last_logged_step),
                 "time_s": time.perf_counter() - self.started,
-                "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
+                "grad_norm": grad_norm if self.grad_norm is not None else None,
             }
             state.last_logged_step = state.step
             self._record(record)
