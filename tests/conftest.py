@@ -44,14 +44,14 @@ def ddp_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def straight_ddp_run(tmp_path_factory):
-    """tests/test_resume.py's ARGS as one uninterrupted 2-rank DDP run, made once per session (per xdist
-    worker that needs it): the runs that are SIGTERMed, or lose a worker to SIGKILL, and then resume
-    must end exactly like it. Returns the run folder."""
+    """tests/test_resume.py's ARGS and DDP flags as one uninterrupted 2-rank DDP run, made once per
+    session (per xdist worker that needs it): the runs that are SIGTERMed, or lose a worker to SIGKILL,
+    and then resume must end exactly like it. Returns the run folder."""
     from test_distributed import ranks
-    from test_resume import ARGS
+    from test_resume import ARGS, DDP
     from test_train_e2e import run_cli
 
     out_dir = tmp_path_factory.mktemp("straight-ddp")
-    out = run_cli(*ARGS, "--distributed", "ddp", "--output-dir", out_dir, "--run-name", "straight", launcher=ranks(2))
+    out = run_cli(*ARGS, *DDP, "--output-dir", out_dir, "--run-name", "straight", launcher=ranks(2))
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir / "straight"

@@ -99,14 +99,16 @@ PROBE = Path(__file__).parent / "workers" / "count_host_reads.py"
 @pytest.mark.multiprocess
 def test_two_ranks_read_nothing_from_the_device_in_a_step_that_does_not_log(tmp_path):
     """Two ranks (gloo, DDP): the flags every rank decides on travel in one all-reduce per read point."""
-    out = tmp_path / "reads.json"
-    done = run_cli(str(out), *FLAGS, "--batch-size", "2", "--output-dir", tmp_path, "--run-name", "ddp",
-                   launcher=ranks(2, PROBE))
-    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {}
+    for steps in (20, 40):  # one launch each (see the worker)
+        out = tmp_path / f"reads-{steps}.json"
+        done = run_cli(str(out), *FLAGS, "--batch-size", "2", "--max-steps", steps, "--output-dir", tmp_path,
+                       "--run-name", f"ddp-{steps}", launcher=ranks(2, PROBE), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[steps] = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
     for rank in (0, 1):
-        counts = json.loads(Path(f"{out}.{rank}").read_text())
-        per_step = (counts["40"] - counts["20"]) / 20
-        assert per_step <= 0.1, f"rank {rank}: {per_step} host reads per step: {counts}"
+        per_step = (counts[40][rank]["total"] - counts[20][rank]["total"]) / 20
+        assert per_step <= 0.1, f"rank {rank}: {per_step} host reads per step: {counts[20][rank]} {counts[40][rank]}"
 
 
 def test_a_nonfinite_step_is_withheld_on_the_device_bit_for_bit():

@@ -19,7 +19,7 @@ from resnet_scale.train.integrity import write_marker
 from resnet_scale.train.run_dir import load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_resume import ARGS, _assert_same_run, _stop_at_step  # noqa: E402
+from test_resume import ARGS, DDP, _assert_same_run, _stop_at_step  # noqa: E402
 from test_train_e2e import REPO, run_cli  # noqa: E402
 
 TRAIN = [sys.executable, "-m", "resnet_scale", "train"]
@@ -180,7 +180,7 @@ def test_torchrun_max_restarts_resumes_a_killed_worker_from_the_newest_checkpoin
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "--max-restarts", str(restarts), str(REPO / "launch" / "train.py")]
 
-    args = (*ARGS, "--distributed", "ddp", "--output-dir", tmp_path)
+    args = (*ARGS, *DDP, "--output-dir", tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*torchrun(1), *map(str, args), "--run-name", "killed"], stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env=env)

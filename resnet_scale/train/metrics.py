@@ -27,14 +27,21 @@ class Window:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         return cls(zero(), zero(), zero(), time.perf_counter())
 
-    def snapshot(self) -> dict[str, float]:
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": float(self.count),
+    def snapshot(self, accelerator: Accelerator | None = None) -> dict[str, float]:
+        """The window for a checkpoint: its sums over every rank (a collective with several processes:
+        every rank calls it), so the one ``loop_state.json`` holds the whole interval's sums."""
+        sums = [self.loss_sum, self.correct, self.count]
+        loss_sum, correct, count = (reduce_sums(accelerator, *sums) if accelerator is not None
+                                    else [float(v) for v in sums])
+        return {"loss_sum": loss_sum, "correct": correct, "count": count,
                 "elapsed": time.perf_counter() - self.started}
 
-    def restore(self, saved: dict[str, float]) -> None:
-        self.loss_sum.fill_(saved["loss_sum"])
-        self.correct.fill_(saved["correct"])
-        self.count.fill_(saved["count"])
+    def restore(self, saved: dict[str, float], *, sums: bool = True) -> None:
+        """Continue a saved window; ``sums=False`` (every rank but the main one) starts the sums at zero,
+        so the next line's sum over ranks counts the saved interval once."""
+        self.loss_sum.fill_(saved["loss_sum"] if sums else 0.0)
+        self.correct.fill_(saved["correct"] if sums else 0.0)
+        self.count.fill_(saved["count"] if sums else 0.0)
         self.started = time.perf_counter() - saved["elapsed"]
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:

@@ -88,7 +88,7 @@ class Trainer:
         batches = run.train_loader.epoch_indices() if run.cfg.distributed.record_samples else None
         self.window = Window.new(run.accelerator.device)
         if skip:  # resumed mid-epoch: the window of the interrupted log interval comes back too
-            self.window.restore(state.window)
+            self.window.restore(state.window, sums=run.accelerator.is_main_process)  # saved: summed over ranks
         if state.step >= run.total_steps:  # resumed from the run's last step: nothing left to train
             return
         for epoch_step, (images, labels) in enumerate(run.train_loader, start=1):
@@ -206,7 +206,7 @@ class Trainer:
         """A checkpoint from which a resumed run continues at the next batch with identical metrics."""
         run, state = self.run, self.state
         self._sync()
-        state.window = self.window.snapshot()
+        state.window = self.window.snapshot(run.accelerator)
         if self.sync_buffers:  # the saved statistics are rank 0's: every rank resumes with the same ones
             broadcast_buffers(run.model, run.accelerator)
         check_finite_weights(run.model, run.accelerator, f"the checkpoint of step {state.step}", self._advice())

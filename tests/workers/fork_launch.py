@@ -16,6 +16,10 @@ import os
 import sys
 import uuid
 
+# The package of the repository these tests belong to, whatever ``pip install -e`` points at (the tests'
+# ``python -m resnet_scale`` runs from the repository's root and imports it from there too).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
 
 def worker(argv: list[str], script: str | None = None) -> None:
     import torch
