@@ -54,7 +54,7 @@ def build_engine(flags: list[str], device: str, num_classes: int, *,
     whose flat buffers keep them NCHW); False/True forces the weights' format."""
     from accelerate.state import AcceleratorState
 
-    from resnet_scale.distributed.accelerator import build_accelerator
+    from resnet_scale.distributed.accelerator import build_accelerator, prepare
 
     AcceleratorState._reset_state(True)  # one Accelerator per configuration, in one process
     flags = [*flags, "--device", device, "--tracker", "none"]
@@ -68,7 +68,7 @@ def build_engine(flags: list[str], device: str, num_classes: int, *,
     if cl is None:
         cl = memory.channels_last and cfg.engine() != "deepspeed"
     model = apply_memory_transforms(model, dataclasses.replace(memory, compile=False, channels_last=cl))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     return Engine(flags, cfg, memory, accelerator, model, optimizer)
 
 

@@ -5,8 +5,10 @@ Why: most of a tiny CLI run is the interpreter importing torch, accelerate and t
 (seconds of one core each time). This server imports them once; each forked child is then what a
 fresh ``python -m resnet_scale ARGS`` would be after its imports: its own process (own pid, exit
 status, signal handlers, atexit handlers, Accelerate state), its own environment, working folder,
-stdout and stderr files. Nothing here has run a torch operation before forking, so no thread pool
-is copied half-alive into the children.
+stdout and stderr files, and its own session (``start_new_session=True``). Nothing here has run a
+torch operation before forking, so no thread pool is copied half-alive into the children. A child
+ends as the interpreter would (threads joined, atexit handlers run) but skips the teardown of
+every module (``_exit``). A ``launch`` request runs tests/workers/fork_launch.py instead.
 
 Protocol (one JSON object a line): the request ``{"argv", "env", "cwd", "stdout", "stderr"}`` on
 stdin; the answer ``{"pid": N}`` at once, then ``{"status": S}`` (``os.waitpid``'s status) when the
@@ -16,6 +18,7 @@ child is done.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import queue
@@ -31,7 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _child(request: dict) -> None:
-    """Become ``python -m resnet_scale ARGV``: raises SystemExit with its exit status."""
+    """Become ``python -m resnet_scale ARGV`` (or, with ``launch``, ``python fork_launch.py NPROC
+    [--script PATH] ARGV``), the leader of a new session as ``start_new_session=True`` makes it (so
+    a test can signal its process group, as a terminal does): raises SystemExit with its exit status."""
+    os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -46,6 +52,17 @@ def _child(request: dict) -> None:
 
     if request["env"].get("OMP_NUM_THREADS"):  # what a new interpreter reads at import
         torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+    if request.get("launch"):
+        import fork_launch
+
+        nproc, script = request["launch"]
+        sys.argv = [fork_launch.__file__, *request["argv"]]
+        try:
+            code = fork_launch.launch(nproc, request["argv"], script)
+        except BaseException:  # e.g. the agent's SignalException on SIGTERM, uncaught as in ``python fork_launch.py``
+            traceback.print_exc()
+            raise SystemExit(1) from None
+        raise SystemExit(code)
     sys.path[0] = os.getcwd()  # as ``python -m`` has it
     sys.argv = ["-m", *request["argv"]]  # runpy puts the module's path in argv[0], as -m does
     try:
@@ -56,6 +73,47 @@ def _child(request: dict) -> None:
         traceback.print_exc()
         raise SystemExit(1) from None
     raise SystemExit(0)
+
+
+def _exit(code) -> None:
+    """The interpreter's exit, less its last step: wait for non-daemon threads, run the atexit
+    handlers, collect the child's own garbage, flush, and end with ``code`` as ``SystemExit(code)``
+    would. The interpreter's teardown of every module would touch every object the server imported
+    and copy each page of it (seconds per child)."""
+    import atexit
+
+    threading._shutdown()
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+        gc.collect()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status & 0xFF)
+
+
+def preload_lazy_imports(deepspeed: bool = True) -> None:
+    """What a run imports lazily, seconds of one core per process, none of it starting a thread:
+    ``torch.use_deterministic_algorithms`` (every ``--deterministic`` run) imports
+    ``torch._inductor.config``, which imports ``torch._dynamo``; Accelerate imports DeepSpeed
+    whenever it is installed, and a ZeRO run's optimizer check imports DeepSpeed's Muon module,
+    which imports the compiler."""
+    import importlib.util
+
+    import torch._inductor.config  # noqa: F401
+
+    if deepspeed and importlib.util.find_spec("deepspeed") is not None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what build_accelerator sets on a CPU, before DeepSpeed reads it
+        import deepspeed  # noqa: F401
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+        import transformers  # noqa: F401
 
 
 def serve() -> None:
@@ -69,14 +127,23 @@ def serve() -> None:
     import resnet_scale.cli  # noqa: F401
     import resnet_scale.train  # noqa: F401
 
+    preload_lazy_imports()
+    sys.path.insert(1, str(REPO / "tests" / "workers"))
+    import fork_launch  # noqa: F401
+    import torch.distributed.launcher.api  # noqa: F401
+
     for line in sys.stdin:
         request = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
+        gc.freeze()  # what the server holds: the children's collections never walk (and copy) it
         pid = os.fork()
         if pid == 0:
             sys.stdin = open(os.devnull)  # the server's request pipe is not the child's
-            _child(request)  # never returns: SystemExit unwinds and the interpreter exits
+            try:
+                _child(request)  # never returns
+            except SystemExit as stop:
+                _exit(stop.code)
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"status": status}), flush=True)
@@ -107,14 +174,18 @@ class CliServer:
         return answer
 
     def run(self, argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
-            watch=None) -> subprocess.CompletedProcess:
-        """``subprocess.run([python, -m, resnet_scale, *argv], capture_output=True, text=True, ...)``;
+            watch=None, launch: tuple[int, str | None] | None = None) -> subprocess.CompletedProcess:
+        """``subprocess.run([python, -m, resnet_scale, *argv], capture_output=True, text=True, ...)``,
+        or with ``launch=(nproc, script)`` ``[python, tests/workers/fork_launch.py, nproc, *argv]``;
         ``watch(pid, stderr_path)``, when given, is called once the child runs (e.g. to signal it)."""
         cmd = [sys.executable, "-m", "resnet_scale", *argv]
+        if launch:
+            cmd = [sys.executable, str(REPO / "tests" / "workers" / "fork_launch.py"), str(launch[0]),
+                   *(["--script", launch[1]] if launch[1] else []), *argv]
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out),
-                       "stderr": str(err)}
+                       "stderr": str(err), "launch": launch}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             pid = self._answer(timeout=60)["pid"]
@@ -139,12 +210,21 @@ _server: CliServer | None = None
 
 
 def run_module(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
-               watch=None) -> subprocess.CompletedProcess:
-    """Run ``python -m resnet_scale ARGV`` in a child forked from the (shared) server."""
+               watch=None, launch: tuple[int, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m resnet_scale ARGV`` (with ``launch=(nproc, script)``: tests/workers/fork_launch.py)
+    in a child forked from the (shared) server."""
     global _server
     if _server is None or _server.proc.poll() is not None:
         _server = CliServer(env)
-    return _server.run(argv, env=env, cwd=cwd, timeout=timeout, watch=watch)
+    return _server.run(argv, env=env, cwd=cwd, timeout=timeout, watch=watch, launch=launch)
+
+
+def fork_launch_args(cmd: list[str]) -> tuple[int, str | None] | None:
+    """``(nproc, script)`` when ``cmd`` is ``[python, .../fork_launch.py, NPROC, [--script PATH]]``."""
+    cmd = [str(c) for c in cmd]
+    if len(cmd) < 3 or Path(cmd[1]).name != "fork_launch.py":
+        return None
+    return int(cmd[2]), (cmd[4] if cmd[3:4] == ["--script"] else None)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from resnet_scale.config import ConfigError
-from resnet_scale.distributed.deepspeed import build_ds_config
+from resnet_scale.distributed.deepspeed import BUCKET_CAP, build_ds_config, size_buckets
 from resnet_scale.memory.settings import resolve_memory
 from resnet_scale.models import build_resnet
 from resnet_scale.train.run_dir import load_weights
@@ -251,7 +251,31 @@ def test_ds_config_autos_are_filled_from_the_flags(tmp_path):
     def values(node):
         return [x for v in node.values() for x in (values(v) if isinstance(v, dict) else [v])]
 
+    # The bucket sizes are the one "auto" that waits for the model (distributed.accelerator.prepare).
+    assert [k for k, v in filled["zero_optimization"].items() if v == "auto"] == ["reduce_bucket_size",
+                                                                                 "allgather_bucket_size"]
+    size_buckets(filled, 1_234_567)
     assert "_comment" not in filled and "auto" not in values(filled)
+
+
+def test_auto_buckets_are_the_model_capped_and_a_concrete_size_is_kept(tmp_path):
+    """DeepSpeed allocates its reduce buckets at the configured size whatever the model: "auto" (or
+    absent) is the parameter count, at most 50M elements; a number given is used as it is; the
+    planner counts the same bytes."""
+    from resnet_scale.planner.estimate import _comm_bucket_bytes
+
+    resnet50 = build_resnet("bottleneck", 50, num_classes=10)
+    n = sum(p.numel() for p in resnet50.parameters())
+    zero = {}
+    size_buckets({"zero_optimization": zero}, n)
+    assert zero == {"reduce_bucket_size": n, "allgather_bucket_size": n} and 2e7 < n < 5e7
+    assert _comm_bucket_bytes("deepspeed", 2, 2, n, {"overlap_comm": True}) == 2 * 4 * n  # two fp32 buffers
+    huge = {"reduce_bucket_size": "auto", "allgather_bucket_size": 5000}
+    size_buckets({"zero_optimization": huge}, 10**9)
+    assert huge == {"reduce_bucket_size": BUCKET_CAP, "allgather_bucket_size": 5000} and BUCKET_CAP == 50_000_000
+    assert _comm_bucket_bytes("deepspeed", 1, 2, 10**9, {"reduce_bucket_size": 5e8}) == 4 * 500_000_000
+    with pytest.raises(ConfigError, match="reduce_bucket_size must be a whole number of elements"):
+        ds_config_from(tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_size": -3}})
 
 
 @pytest.mark.parametrize(

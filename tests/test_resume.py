@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from resnet_scale.train.checkpoint import EXIT_PREEMPTED, checkpoint_dirs, lates
 from resnet_scale.train.run_dir import load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_e2e import REPO, run_cli  # noqa: E402
+from test_train_e2e import FORK, REPO, run_cli  # noqa: E402
 
 ARGS = ("--data", "synthetic", "--depth", "8", "--image-size", "16", "--synthetic-train-samples", "96",
         "--synthetic-test-samples", "32", "--epochs", "2", "--batch-size", "16", "--log-every", "1",
@@ -33,15 +34,32 @@ def _metrics(run):
 
 
 def _stop_at_step(cmd, step_text):
-    """Start ``cmd`` and SIGTERM its whole process group once it logs ``step_text``."""
+    """Run ``cmd`` (``python -m resnet_scale train ...`` or a ``ranks(2)`` launch, from the tests' CLI
+    server unless RESNET_SCALE_TESTS_NO_FORK=1) and SIGTERM its whole process group once it logs
+    ``step_text``: (exit status, whether it was sent)."""
+    from _cli_server import fork_launch_args, run_module
+    from test_signals import _wait_for
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # as run_cli (the same threads: same float sums)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True)
-    sent = False
-    for line in proc.stderr:
-        if step_text in line and not sent:
-            os.killpg(proc.pid, signal.SIGTERM)
-            sent = True
-    return proc.wait(timeout=300), sent
+    sent = []
+
+    def watch(pid, stderr):
+        if _wait_for(pid, Path(stderr), step_text):
+            os.killpg(pid, signal.SIGTERM)
+            sent.append(True)
+
+    cmd = [str(c) for c in cmd]
+    launch = fork_launch_args(cmd)
+    if FORK and (launch or cmd[1:3] == ["-m", "resnet_scale"]):
+        out = run_module(cmd[3 + 2 * bool(launch and launch[1]):], env=env, cwd=REPO, timeout=300, watch=watch,
+                         launch=launch)
+        return out.returncode, bool(sent)
+    with tempfile.TemporaryDirectory() as tmp:
+        err = Path(tmp, "stderr")
+        with open(err, "w") as sink:
+            proc = subprocess.Popen(cmd, stderr=sink, cwd=REPO, env=env, start_new_session=True)
+            watch(proc.pid, err)
+            return proc.wait(timeout=300), bool(sent)
 
 
 def _assert_same_run(a, b):

@@ -26,10 +26,14 @@ FORK = hasattr(os, "fork") and os.environ.get("RESNET_SCALE_TESTS_NO_FORK") != "
 def run_cli(*argv, cwd=None, launcher=None, timeout=600):
     """``resnet-scale train ARGV`` as its own process: (returncode, stdout, stderr) of a CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # OMP_NUM_THREADS: tests/conftest.py
-    if launcher is None and FORK:
-        from _cli_server import run_module
+    if FORK:
+        from _cli_server import fork_launch_args, run_module
 
-        return run_module(["train", *map(str, argv)], env=env, cwd=Path(cwd or REPO), timeout=timeout)
+        if launcher is None:
+            return run_module(["train", *map(str, argv)], env=env, cwd=Path(cwd or REPO), timeout=timeout)
+        if (launch := fork_launch_args(launcher)) is not None:  # tests/workers/fork_launch.py, from the server
+            return run_module([*map(str, launcher[5 if launch[1] else 3:]), *map(str, argv)], env=env,
+                              cwd=Path(cwd or REPO), timeout=timeout, launch=launch)
     cmd = launcher or [sys.executable, "-m", "resnet_scale", "train"]
     return subprocess.run([*cmd, *map(str, argv)], capture_output=True, text=True, cwd=cwd or REPO,
                           env=env, timeout=timeout)

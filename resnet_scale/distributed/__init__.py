@@ -3,8 +3,11 @@
 * ``accelerator.py`` -- ``build_accelerator(cfg, memory)``: device, autocast precision, gradient
   accumulation and the engine, DDP (NCCL on GPUs, gloo on CPU) or DeepSpeed ZeRO 0-3; every
   configuration error is raised before a process group starts.
+  ``prepare(accelerator, model, optimizer)``: Accelerate's prepare, with the DeepSpeed buckets
+  sized to the model first.
 * ``deepspeed.py`` -- the DeepSpeed JSON config: a template from ``ds_configs/`` or ``--ds-config``,
-  its ``"auto"`` values filled from the flags, a contradiction refused.
+  its ``"auto"`` values filled from the flags (the bucket sizes from the model's size), a
+  contradiction refused.
 * ``sync_bn.py`` -- ``apply_sync_batchnorm(model, device_type)``: BatchNorm statistics over all
   processes (torch's SyncBatchNorm on GPUs, an all-reduce version on CPU).
 

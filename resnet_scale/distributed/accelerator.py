@@ -135,3 +135,14 @@ def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
             "the batch split would be wrong. Launch with torchrun or accelerate launch."
         )
     return accelerator
+
+
+def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """``accelerator.prepare(model, optimizer)``; under DeepSpeed, first the one config value that needs
+    the model: the bucket sizes (``deepspeed.size_buckets``)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        from resnet_scale.distributed.deepspeed import size_buckets
+
+        size_buckets(plugin.deepspeed_config, sum(p.numel() for p in model.parameters()))
+    return accelerator.prepare(model, optimizer)

@@ -5,6 +5,14 @@ either ``"auto"`` (or absent) — then the flag's value is used — or concrete,
 agree with the flags: a contradiction is an error naming both, raised before any process group
 starts. Keys starting with ``_`` are comments and are dropped.
 
+Bucket sizes (``zero_optimization.reduce_bucket_size``/``allgather_bucket_size``, elements): when
+``"auto"`` or absent, the model's parameter count, at most 50M (:func:`bucket_elements`), filled
+by :func:`size_buckets` once the model exists (``accelerator.prepare``). DeepSpeed allocates its reduce buckets at the
+configured size every step whatever the model's size, and its own default (5e8 elements, 2 GB fp32
+per buffer) is more than a ResNet-50's whole model states; a bucket larger than all the gradients
+together only holds memory (and on a CPU the two 200 MB buffers of a fixed 50M made a tiny model's
+step eight times slower).
+
 Precision: bf16 runs under DeepSpeed's ``torch_autocast`` mode; DeepSpeed's ``bf16``/``fp16``
 sections cast the whole model, BatchNorm included, and BatchNorm then fails on CPU and loses
 its fp32 statistics, so they are refused.
@@ -22,6 +30,24 @@ from resnet_scale.memory.settings import MemorySettings
 #: ds_configs/ of this checkout: the templates for --zero-stage N without --ds-config.
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 _OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+#: The largest bucket "auto" gives: 50M elements, 200 MB in fp32.
+BUCKET_CAP = 50_000_000
+_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
+
+
+def bucket_elements(value: Any, num_params: int) -> int:
+    """The elements of one DeepSpeed bucket: ``value`` from the config, or for ``"auto"``/absent
+    (None) the model's parameter count capped at :data:`BUCKET_CAP`."""
+    if value is None or value == "auto":
+        return max(1, min(BUCKET_CAP, int(num_params)))
+    return int(value)
+
+
+def size_buckets(ds_config: dict[str, Any], num_params: int) -> None:
+    """Fill the "auto" (or absent) bucket sizes of a built config for a model of ``num_params``."""
+    zero = ds_config.setdefault("zero_optimization", {})
+    for key in _BUCKET_KEYS:
+        zero[key] = bucket_elements(zero.get(key), num_params)
 
 
 def require_deepspeed() -> None:
@@ -126,7 +152,8 @@ def resolve_stage_and_offload(cfg: Config) -> tuple[int, str, dict[str, Any]]:
 
 
 def build_ds_config(cfg: Config, memory: MemorySettings, world_size: int) -> dict[str, Any]:
-    """The complete DeepSpeed config for this run (no "auto" left)."""
+    """The DeepSpeed config for this run: no "auto" left but the bucket sizes, which need the model
+    (:func:`size_buckets`)."""
     stage, offload, raw = resolve_stage_and_offload(cfg)
     where = f"--ds-config {cfg.distributed.ds_config}" if cfg.distributed.ds_config else f"ds_configs/zero{max(1, stage)}.json"
     for section in ("bf16", "fp16"):
@@ -145,6 +172,13 @@ def build_ds_config(cfg: Config, memory: MemorySettings, world_size: int) -> dic
     f.fill("zero_optimization.stage", stage, "--zero-stage", int)
     f.fill("zero_optimization.offload_optimizer.device", "cpu" if offload != "none" else "none", "--offload", str)
     f.fill("zero_optimization.offload_param.device", "cpu" if offload == "optimizer+params" else "none", "--offload", str)
+    zero = raw.get("zero_optimization", {})
+    for key in _BUCKET_KEYS:
+        value = zero.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1
+                                or value != int(value)):
+            raise ConfigError(f"{where}: zero_optimization.{key} must be a whole number of elements >= 1 or "
+                              f"\"auto\" (the model's parameter count, at most {BUCKET_CAP:,}), got {value!r}.")
     bf16 = memory.precision == "bf16"
     f.fill("torch_autocast.enabled", bf16, "--precision", bool)
     f.fill("torch_autocast.dtype", "bfloat16" if bf16 else "float32", "--precision", str)

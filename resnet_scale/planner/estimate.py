@@ -14,7 +14,7 @@ saved activation is still alive and gradients are being written):
   gradients into buckets, ``gradient_as_bucket_view=False``: one more gradient-sized buffer
   when world_size > 1), or DeepSpeed's reduce buckets (``reduce_bucket_size`` elements, fp32, two
   of them with ``overlap_comm``; DeepSpeed 0.19.8 allocates them at that size whatever the model
-  size) and its fp32 gradient partition.
+  size, and "auto" sizes them to the model) and its fp32 gradient partition.
 * ``optimizer_states`` -- SGD's momentum buffer (4 B/param, none with ``--momentum 0``); under
   DeepSpeed ZeRO >= 1 also the fp32 master partition DeepSpeed always clones (even from fp32
   weights, ``stage_1_and_2.py``). Sharded from ZeRO-1; on the CPU with optimizer offload.
@@ -142,13 +142,14 @@ def _comm_bucket_bytes(engine: str, stage: int, world_size: int, num_params: int
     """DDP: one more gradient-sized buffer (buckets) when world_size > 1. DeepSpeed ZeRO >= 1
     with contiguous_gradients (its default): ``reduce_bucket_size`` fp32 elements, twice with
     overlap_comm (default on for stage 3 only), allocated at that size (DeepSpeed 0.19.8
-    ``setup_buckets``)."""
+    ``setup_buckets``); "auto" is the model's size, capped (``distributed/deepspeed.py``)."""
     if engine != "deepspeed" or stage == 0:
         return num_params * 4 if world_size > 1 else 0
     if not ds_zero.get("contiguous_gradients", True):
         return 0
-    size = ds_zero.get("reduce_bucket_size", 5e8)
-    size = 5e8 if size == "auto" else float(size)
+    from resnet_scale.distributed.deepspeed import bucket_elements
+
+    size = bucket_elements(ds_zero.get("reduce_bucket_size"), num_params)
     overlap = ds_zero.get("overlap_comm", stage == 3)
     return int(size) * 4 * (2 if overlap is True else 1)
 

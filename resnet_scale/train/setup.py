@@ -28,7 +28,7 @@ from resnet_scale.data import (
     estimate_imagefolder_bytes,
     index_imagefolder,
 )
-from resnet_scale.distributed.accelerator import build_accelerator, resolve_device, world_size_from_env
+from resnet_scale.distributed.accelerator import build_accelerator, prepare, resolve_device, world_size_from_env
 from resnet_scale.distributed.sync_bn import apply_sync_batchnorm
 from resnet_scale.memory.settings import MemorySettings, activation_offload, apply_memory_transforms, resolve_memory
 from resnet_scale.models import build_resnet, count_parameters, count_weighted_layers, describe
@@ -228,7 +228,7 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
         model_memory = dataclasses.replace(memory, channels_last=False)
         logger.info("channels_last under ZeRO: NHWC inputs and activations, weights stay NCHW")
     model = apply_memory_transforms(model, model_memory)  # in place: the optimizer's tensors stay the same
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # save_state/load_state carry the schedule too
     offload = activation_offload(memory, accelerator.device)
 

@@ -47,15 +47,16 @@ def launch(nproc: int, argv: list[str], script: str | None = None) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # What every worker imports, once, before the fork (DeepSpeed and the transformers that
-    # Accelerate's DeepSpeed plugin needs only when the run asks for ZeRO).
+    # Accelerate's DeepSpeed plugin needs only when the run asks for ZeRO: tests/_cli_server.py).
     import accelerate  # noqa: F401
 
     import resnet_scale.cli.train  # noqa: F401
     import resnet_scale.train  # noqa: F401
 
-    if {"--zero-stage", "--ds-config", "deepspeed", "--distributed=deepspeed"} & set(argv):
-        import deepspeed  # noqa: F401
-        import transformers  # noqa: F401
+    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from _cli_server import preload_lazy_imports
+
+    preload_lazy_imports(deepspeed=bool({"--zero-stage", "--ds-config", "deepspeed", "--distributed=deepspeed"} & set(argv)))
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
