@@ -23,6 +23,9 @@ import json
 import os
 import queue
 import runpy
+import selectors
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _child(request: dict) -> None:
+def _child(request: dict, fds: list[int]) -> None:
     """Become ``python -m resnet_scale ARGV`` (or, with ``launch``, ``python fork_launch.py NPROC
     [--script PATH] ARGV``), the leader of a new session as ``start_new_session=True`` makes it (so
     a test can signal its process group, as a terminal does): raises SystemExit with its exit status."""
@@ -41,13 +44,19 @@ def _child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    if fds:  # a client's own stdin, stdout and stderr (tests/workers/cli_client.py)
+        for fd, given in enumerate(fds):
+            os.dup2(given, fd)
+            os.close(given)
+    else:
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    sys.stdin = open(0, closefd=False)
     import torch
 
     if request["env"].get("OMP_NUM_THREADS"):  # what a new interpreter reads at import
@@ -116,7 +125,7 @@ def preload_lazy_imports(deepspeed: bool = True) -> None:
         import transformers  # noqa: F401
 
 
-def serve() -> None:
+def serve(socket_path: str) -> None:
     sys.path[0] = str(REPO)  # not this file's folder: the package as ``python -m`` from the repository finds it
     # The imports every command pays for, done once (nothing that starts a thread: no wandb).
     import accelerate  # noqa: F401
@@ -132,21 +141,51 @@ def serve() -> None:
     import fork_launch  # noqa: F401
     import torch.distributed.launcher.api  # noqa: F401
 
-    for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        gc.freeze()  # what the server holds: the children's collections never walk (and copy) it
-        pid = os.fork()
-        if pid == 0:
-            sys.stdin = open(os.devnull)  # the server's request pipe is not the child's
-            try:
-                _child(request)  # never returns
-            except SystemExit as stop:
-                _exit(stop.code)
-        print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"status": status}), flush=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen()
+    requests = selectors.DefaultSelector()
+    requests.register(sys.stdin, selectors.EVENT_READ)
+    requests.register(listener, selectors.EVENT_READ)
+    while True:
+        for key, _ in requests.select():
+            if key.fileobj is sys.stdin:  # the test process: one request, then its answers, at a time
+                line = sys.stdin.readline()
+                if not line:
+                    listener.close()
+                    return
+                _fork(json.loads(line), [], lambda answer: print(json.dumps(answer), flush=True), listener)
+            else:  # a cli_client.py: its request and its stdin/stdout/stderr
+                conn, _ = listener.accept()
+                with conn:
+                    data, fds = b"", []
+                    while not data.endswith(b"\n"):
+                        chunk, more, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+                        if not chunk:
+                            break
+                        data, fds = data + chunk, fds + list(more)
+                    if data.endswith(b"\n") and len(fds) == 3:
+                        _fork(json.loads(data), fds, lambda answer: conn.sendall(json.dumps(answer).encode() + b"\n"),
+                              listener)
+                    for fd in fds:
+                        os.close(fd)
+
+
+def _fork(request: dict, fds: list[int], answer, listener: socket.socket) -> None:
+    """Fork the child that runs ``request``; ``answer`` its pid, then its wait status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()  # what the server holds: the children's collections never walk (and copy) it
+    pid = os.fork()
+    if pid == 0:
+        listener.close()  # the server's request channels are not the child's
+        try:
+            _child(request, fds)  # never returns
+        except SystemExit as stop:
+            _exit(stop.code)
+    answer({"pid": pid})
+    _, status = os.waitpid(pid, 0)
+    answer({"status": status})
 
 
 # -- the client side, used by the tests ---------------------------------------------------------
@@ -156,7 +195,9 @@ class CliServer:
     """One server process per test process, started at the first command."""
 
     def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
+        self.folder = tempfile.mkdtemp(prefix="cli-server-")
+        self.socket = os.path.join(self.folder, "socket")
+        self.proc = subprocess.Popen([sys.executable, "-u", __file__, self.socket], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
         self.answers: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -204,9 +245,19 @@ class CliServer:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _server: CliServer | None = None
+
+
+def client_command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``python -m resnet_scale`` for a program the tests start (a shell script's TRAIN_CMD, say): the
+    command, and the environment variable that points it at this process's server."""
+    global _server
+    if _server is None or _server.proc.poll() is not None:
+        _server = CliServer(env)
+    return [sys.executable, str(REPO / "tests" / "workers" / "cli_client.py")], {"RESNET_SCALE_TEST_SOCKET": _server.socket}
 
 
 def run_module(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
@@ -228,4 +279,4 @@ def fork_launch_args(cmd: list[str]) -> tuple[int, str | None] | None:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1])

@@ -201,6 +201,24 @@ def test_digits_fixed_stratified_split():
     assert build_datasets("digits", image_size=32)[0].images.shape[-2:] == (32, 32)
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits_and_its_split():
+    """The digits file read directly and the stored split are scikit-learn's own: ``load_digits`` and
+    ``train_test_split(test_size=0.2, stratify=labels, random_state=0)``."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from resnet_scale.data.digits_split import TEST_INDICES
+    from resnet_scale.data.sources import digits_arrays
+
+    values, labels = digits_arrays()
+    digits = load_digits()
+    assert np.array_equal(values, digits.images) and np.array_equal(labels, digits.target)
+    _, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
+    assert tuple(sorted(int(i) for i in test)) == TEST_INDICES
+
+
 def test_imagefolder(tmp_path):
     pytest.importorskip("PIL")
     written = fx.write_image_folder(tmp_path, classes=("dog", "cat"), size=(24, 20))

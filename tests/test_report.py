@@ -18,34 +18,30 @@ from resnet_scale.tracking.runs import ReportError, load_run
 from resnet_scale.tracking.tables import format_spread, format_value
 from resnet_scale.tracking.trackers import TrackingError
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_e2e import FORK, REPO, run_cli  # noqa: E402
+
 BLOCKS, SEEDS = ("plain", "basic"), (0, 1)
 RUN_KEYS = ("final_accuracy", "best_accuracy", "final_test_loss", "wall_time_s", "images_per_s",
             "peak_memory_bytes", "num_parameters", "weighted_layers", "epochs")
 GROUP_KEYS = ("final_accuracy", "best_accuracy", "wall_time_s", "images_per_s", "num_parameters", "weighted_layers")
 
-# The real CLI, four times in one process (one interpreter start instead of four); 8-px digits
+# The real CLI, four times (children of the tests' CLI server: tests/_cli_server.py); 8-px digits
 # and one thread keep it to about a second per run, even on a busy 2-core machine.
-TRAIN_SCRIPT = """
-import sys
-from resnet_scale.cli import main
-out = sys.argv[1]
-for seed in (0, 1):
-    for block in ("plain", "basic"):
-        rc = main(["train", "--data", "digits", "--block", block, "--depth", "8", "--image-size", "8",
-                   "--batch-size", "128", "--lr", "0.1", "--epochs", "2", "--seed", str(seed), "--log-every", "3",
-                   "--device", "cpu", "--output-dir", out, "--run-name", f"{block}-s{seed}"])
-        assert rc == 0, (block, seed, rc)
-"""
+def _train_runs(out: Path) -> None:
+
+    for seed in SEEDS:
+        for block in BLOCKS:
+            proc = run_cli("--data", "digits", "--block", block, "--depth", "8", "--image-size", "8", "--batch-size",
+                           "128", "--lr", "0.1", "--epochs", "2", "--seed", seed, "--log-every", "3", "--device", "cpu",
+                           "--output-dir", out, "--run-name", f"{block}-s{seed}", "--tracker", "none", timeout=300)
+            assert proc.returncode == 0, (block, seed, proc.stderr[-3000:])
 
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out)], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train_runs(out)
     return out
 
 
@@ -273,10 +269,17 @@ def _tracking_flags_wired() -> bool:
                                             ("basic_vs_bottleneck_r50.sh", ["basic", "bottleneck"])])
 def test_digits_recipe_runs_end_to_end_offline(recipe, groups, tmp_path):
     """The digits form of each recipe, shrunk (one seed, one epoch, 3-block model at 8 px): ~25 s."""
+    # ``python -m resnet_scale`` through tests/workers/cli_client.py: a child of the tests' CLI server
+    # (unless RESNET_SCALE_TESTS_NO_FORK=1), instead of two seconds of imports per command.
+    python, server = [sys.executable, "-m", "resnet_scale"], {}
+    if FORK:
+        from _cli_server import client_command
+
+        python, server = client_command({**os.environ, "PYTHONUNBUFFERED": "1"})
     out = _recipe(recipe, tmp_path, DATA="digits", EPOCHS="1", SEEDS="0", TRACKER="none", OMP_NUM_THREADS="1",
                   EXTRA="--layers 1,1,1 --image-size 8 --batch-size 128 --device cpu",
-                  REPORT_CMD=f"{sys.executable} -m resnet_scale.cli.report",
-                  TRAIN_CMD=f"{sys.executable} -m resnet_scale train", PYTHONPATH=str(REPO))
+                  REPORT_CMD=" ".join([*python, "report"]), TRAIN_CMD=" ".join([*python, "train"]),
+                  PYTHONPATH=str(REPO), **server)
     assert out.returncode == 0, out.stderr[-3000:]
     short = recipe.split("_")[-1].removesuffix(".sh")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{short}-{g}-s0" for g in groups)

@@ -245,19 +245,21 @@ def _tracking_flags_wired() -> bool:
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not _tracking_flags_wired(), reason="resnet-scale train has no --tracker/--run-group yet")
 def test_two_rank_run_creates_one_offline_wandb_run_and_none_creates_none(tmp_path):
-    """torchrun, 2 CPU ranks over gloo: exactly one W&B run (the main process's), holding the full
+    """torchrun's agent (tests/workers/fork_launch.py), 2 CPU ranks over gloo: exactly one W&B run (the main process's), holding the full
     config; --tracker none creates none; both write the local files."""
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            str(REPO / "launch" / "train.py"), "--data", "synthetic", "--layers", "1,1,1", "--image-size", "16",
-            "--synthetic-train-samples", "96", "--synthetic-test-samples", "40", "--epochs", "1",
-            "--batch-size", "32", "--log-every", "1", "--device", "cpu", "--output-dir", str(tmp_path / "runs")]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import ranks
+    from test_train_e2e import run_cli
+
+    base = ["--data", "synthetic", "--layers", "1,1,1", "--image-size", "16", "--synthetic-train-samples", "96",
+            "--synthetic-test-samples", "40", "--epochs", "1", "--batch-size", "32", "--log-every", "1", "--device", "cpu",
+            "--output-dir", tmp_path / "runs"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp_path / "home"), WANDB_CACHE_DIR=str(tmp_path / "home"),
                WANDB_DATA_DIR=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     wandb_flags = ["--tracker", "wandb", "--run-group", "g2", "--tags", "x,y", "--target-accuracy", "0.01"]
     for name, flags in (("wb", wandb_flags), ("none", ["--tracker", "none"])):
-        out = subprocess.run([*base, "--run-name", name, *flags], env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300)
+        out = run_cli(*base, "--run-name", name, *flags, env=env, cwd=tmp_path, launcher=ranks(2), timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         for local in ("config.json", "metrics.jsonl", "summary.json"):
             assert (tmp_path / "runs" / name / local).is_file()

@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/_cli_server.py
 FORK = hasattr(os, "fork") and os.environ.get("RESNET_SCALE_TESTS_NO_FORK") != "1"
 
 
-def run_cli(*argv, cwd=None, launcher=None, timeout=600):
-    """``resnet-scale train ARGV`` as its own process: (returncode, stdout, stderr) of a CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # OMP_NUM_THREADS: tests/conftest.py
+def run_cli(*argv, cwd=None, launcher=None, timeout=600, env=None):
+    """``resnet-scale train ARGV`` as its own process: (returncode, stdout, stderr) of a CompletedProcess.
+    ``env``: the process's whole environment (default: this one's)."""
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # OMP_NUM_THREADS: tests/conftest.py
     if FORK:
         from _cli_server import fork_launch_args, run_module
 

@@ -10,11 +10,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from resnet_scale.config import NATIVE_IMAGE_SIZE, SOURCES
 
+from .digits_split import TEST_INDICES
 from .imageset import (
     DataError,
     ImageSet,
@@ -25,8 +29,6 @@ from .imageset import (
 )
 
 # The digits test split is fixed (this seed, whatever the run's seed) so every run scores the same images.
-_DIGITS_SPLIT_SEED = 0
-_DIGITS_TEST_FRACTION = 0.2
 
 
 def _check_source(source: str) -> None:
@@ -92,22 +94,36 @@ def _with_train_stats(train, test, classes, size) -> tuple[ImageSet, ImageSet]:
     return probe, make_split(*test, classes, size, mean, std)
 
 
-def _load_digits(size: int):
-    """scikit-learn digits: 1,797 8x8 images, 0..16 -> uint8 0..255, 3 channels; fixed stratified 80/20 split."""
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N x 8 x 8 float values 0..16, N int64 labels), read from the
+    ``digits.csv.gz`` scikit-learn ships (the file ``load_digits`` reads) without importing
+    scikit-learn, which costs seconds (SciPy) at every start; ``load_digits`` if the file is elsewhere."""
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        spec = importlib.util.find_spec("sklearn")
     except ImportError:
-        raise DataError("--data digits needs scikit-learn: pip install 'resnet-scale[demo]'") from None
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("--data digits needs scikit-learn: pip install 'resnet-scale[demo]'")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # N x 8 x 8
+    return digits.images, digits.target.astype(np.int64)
+
+
+def _load_digits(size: int):
+    """scikit-learn digits: 1,797 8x8 images, 0..16 -> uint8 0..255, 3 channels; the fixed stratified
+    80/20 split of ``digits_split.py``."""
+    values, labels = digits_arrays()
+    if len(labels) != 1797:
+        raise DataError(f"scikit-learn's digits hold {len(labels)} images, not 1,797: the fixed split does not apply.")
+    pixels = np.rint(values * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # N x 8 x 8
     images = np.ascontiguousarray(np.repeat(pixels[:, None], 3, axis=1))  # N x 3 x 8 x 8
-    labels = digits.target.astype(np.int64)
-    idx = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=_DIGITS_TEST_FRACTION, stratify=labels, random_state=_DIGITS_SPLIT_SEED
-    )
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    test_idx = np.asarray(TEST_INDICES)
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
     classes = [str(d) for d in range(10)]
     # make_split resizes 8x8 -> size x size (native 16) bilinearly.
     return (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]), classes
