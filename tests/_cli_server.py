@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -72,6 +73,18 @@ def _child(request: dict, fds: list[int]) -> None:
             traceback.print_exc()
             raise SystemExit(1) from None
         raise SystemExit(code)
+    if request.get("script"):  # ``python SCRIPT ARGV``
+        script = os.path.abspath(request["script"])
+        sys.argv = [request["script"], *request["argv"]]
+        sys.path[0] = os.path.dirname(script)  # as ``python SCRIPT`` has it
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit:
+            raise
+        except BaseException:
+            traceback.print_exc()
+            raise SystemExit(1) from None
+        raise SystemExit(0)
     sys.path[0] = os.getcwd()  # as ``python -m`` has it
     sys.argv = ["-m", *request["argv"]]  # runpy puts the module's path in argv[0], as -m does
     try:
@@ -126,6 +139,9 @@ def preload_lazy_imports(deepspeed: bool = True) -> None:
 
 
 def serve(socket_path: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)  # first: a client may connect at once; it waits for the imports below
+    listener.listen()
     sys.path[0] = str(REPO)  # not this file's folder: the package as ``python -m`` from the repository finds it
     # The imports every command pays for, done once (nothing that starts a thread: no wandb).
     import accelerate  # noqa: F401
@@ -141,9 +157,6 @@ def serve(socket_path: str) -> None:
     import fork_launch  # noqa: F401
     import torch.distributed.launcher.api  # noqa: F401
 
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(socket_path)
-    listener.listen()
     requests = selectors.DefaultSelector()
     requests.register(sys.stdin, selectors.EVENT_READ)
     requests.register(listener, selectors.EVENT_READ)
@@ -202,6 +215,11 @@ class CliServer:
         self.answers: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         atexit.register(self.close)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.socket):  # bound before the imports: clients may connect from now on
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the test CLI server did not start (status {self.proc.poll()})")
+            time.sleep(0.01)
 
     def _read(self) -> None:
         for line in self.proc.stdout:

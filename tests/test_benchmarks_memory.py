@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,11 @@ def test_smoke_run_writes_sane_tables(tmp_path):
     # A GPU section from an earlier run must survive a CPU run (and be rendered).
     (tmp_path / "memory.json").write_text(json.dumps(
         {"smoke": True, "sections": {"cuda": _fake_cuda_section()}}))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train_e2e import python_script
+
+    cmd, env = python_script(SCRIPT, "--smoke", "--out", tmp_path)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     md = (tmp_path / "memory.md").read_text()
     report = json.loads((tmp_path / "memory.json").read_text())

@@ -5,6 +5,7 @@ nothing here needs a GPU."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ sys.path.insert(0, str(BENCH))
 
 from _gpu_suite_report import MISS, NA, PASS, Goal, judge, missed, render  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from test_train_e2e import python_script  # noqa: E402
+
 TITLES = {"1": "Throughput: CIFAR-stem", "2": "Throughput:", "3": "Memory:", "4": "DDP vs ZeRO-2 vs ZeRO-3",
           "5": "Planner: predicted vs measured"}
 
@@ -28,8 +32,8 @@ TITLES = {"1": "Throughput: CIFAR-stem", "2": "Throughput:", "3": "Memory:", "4"
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--smoke", "--profile", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    cmd, env = python_script(BENCH / "gpu_suite.py", "--smoke", "--profile", "--out", out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **env})
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     mds, jsons = sorted(out.glob("gpu-*.md")), sorted(out.glob("gpu-*.json"))
@@ -216,8 +220,9 @@ def test_sigterm_halfway_keeps_a_partial_report(tmp_path):
     """SIGTERM once section 2 is on disk: exit 143 promptly; the .md/.json keep section 2's rows
     and mark section 3 as interrupted, with no temporary file left behind."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(BENCH / "gpu_suite.py"), "--smoke", "--sections", "2,3",
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd, env = python_script(BENCH / "gpu_suite.py", "--smoke", "--sections", "2,3", "--out", out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:

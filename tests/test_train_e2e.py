@@ -40,6 +40,17 @@ def run_cli(*argv, cwd=None, launcher=None, timeout=600, env=None):
                           env=env, timeout=timeout)
 
 
+def python_script(script, *args) -> tuple[list[str], dict[str, str]]:
+    """``python SCRIPT ARGS`` for ``subprocess``, run by the tests' CLI server (a child forked after the
+    imports) unless RESNET_SCALE_TESTS_NO_FORK=1: the command, and the environment it needs beside this one."""
+    if not FORK:
+        return [sys.executable, str(script), *map(str, args)], {}
+    from _cli_server import client_command
+
+    client, extra = client_command({**os.environ, "PYTHONUNBUFFERED": "1"})
+    return [*client, "--script", str(script), *map(str, args)], extra
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 

@@ -1,4 +1,5 @@
-"""``python cli_client.py ARGS``: what ``python -m resnet_scale ARGS`` does, run by the tests' CLI server
+"""``python cli_client.py ARGS``: what ``python -m resnet_scale ARGS`` does (``python cli_client.py
+--script PATH ARGS``: what ``python PATH ARGS`` does), run by the tests' CLI server
 (tests/_cli_server.py, found through RESNET_SCALE_TEST_SOCKET) in a child forked after the imports.
 
 For programs the tests start that start the CLI themselves (the experiment recipes' TRAIN_CMD and
@@ -19,7 +20,10 @@ import sys
 def main() -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(os.environ["RESNET_SCALE_TEST_SOCKET"])
-        request = {"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}
+        argv, script = sys.argv[1:], None
+        if argv[:1] == ["--script"]:
+            script, argv = argv[1], argv[2:]
+        request = {"argv": argv, "script": script, "env": dict(os.environ), "cwd": os.getcwd()}
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         answers = conn.makefile("r")
         pid = json.loads(answers.readline())["pid"]
