@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,10 @@ def test_cli_bad_flags_exit_nonzero_with_a_message(argv, expected, capsys, tmp_p
 
 
 def test_console_script_and_launch_script_share_flags():
-    script = Path(__file__).resolve().parents[1] / "launch" / "train.py"
-    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_e2e import python_script
+
+    cmd, env = python_script(Path(__file__).resolve().parents[1] / "launch" / "train.py", "--help")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
     for flag in ("--block", "--depth", "--layers", "--data-dir", "--max-steps", "--run-name", "--config"):
         assert flag in out.stdout

@@ -55,7 +55,7 @@ def ranks(nproc=2, script=None):
 
 
 def train_run(tmp_path, name, *extra, nproc=2):
-    launcher = ranks(nproc) if nproc > 1 else [sys.executable, str(REPO / "launch" / "train.py")]
+    launcher = ranks(nproc) if nproc > 1 else None  # one process: python -m resnet_scale train (the same main)
     out = run_cli(*BASE, "--output-dir", tmp_path, "--run-name", name, *extra, launcher=launcher)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / name
@@ -318,9 +318,6 @@ def test_deepspeed_missing_is_a_clear_error(monkeypatch):
 
 
 def test_deepspeed_launcher_without_deepspeed_flags_is_refused(tmp_path):
-    import subprocess as sp
-
     env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"}
-    out = sp.run([sys.executable, "-m", "resnet_scale", "train", "--output-dir", str(tmp_path), "--max-steps", "1"],
-                 capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    out = run_cli("--output-dir", tmp_path, "--max-steps", "1", env=env, timeout=120)
     assert out.returncode == 2 and "add --zero-stage N" in out.stderr

@@ -4,7 +4,6 @@
 import argparse
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -214,8 +213,7 @@ def test_checkpointing_leaves_a_whole_training_run_unchanged_and_low_memory_keep
 def test_train_max_memory_applies_the_flags_that_plan_prints(tmp_path):
     flags = ("--data", "synthetic", "--depth", "8", "--image-size", "32", "--batch-size", "64",
              "--synthetic-train-samples", "64", "--synthetic-test-samples", "32", "--device", "cpu", "--max-memory", "290MiB")
-    shown = subprocess.run([sys.executable, "-m", "resnet_scale", "plan", *flags, "--json"],
-                           capture_output=True, text=True, timeout=300)
+    shown = run_cli(*flags, "--json", subcommand="plan", timeout=300)
     assert shown.returncode == 0, shown.stderr
     plan = json.loads(shown.stdout)
     assert plan["fits"] is False and plan["plan"]["fits"] is True and plan["flags"]

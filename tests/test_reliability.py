@@ -20,6 +20,7 @@ from resnet_scale.train.run_dir import load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import ARGS, DDP, _assert_same_run, _stop_at_step  # noqa: E402
+from test_signals import _alive, _train_watched  # noqa: E402
 from test_train_e2e import REPO, run_cli  # noqa: E402
 
 TRAIN = [sys.executable, "-m", "resnet_scale", "train"]
@@ -215,17 +216,15 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_as_newest(
     args = ["--data", "synthetic", "--block", "bottleneck", "--depth", "50", "--image-size", "16",
             "--synthetic-train-samples", "8", "--synthetic-test-samples", "4", "--batch-size", "2", "--epochs", "5",
             "--checkpoint-every", "1", "--tracker", "none", "--output-dir", str(tmp_path), "--run-name", "k"]
-    env = dict(os.environ)
-    proc = subprocess.Popen([*TRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                            env=env, start_new_session=True)
     half = tmp_path / "k" / "checkpoints" / ".tmp-step-000000002"
-    try:
+
+    def kill_during_the_save(pid, _stderr):
         deadline = time.monotonic() + 300
-        while not half.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not half.exists() and _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.002)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+        os.killpg(pid, signal.SIGKILL)
+
+    _train_watched(args, kill_during_the_save)
     assert half.exists(), "the kill did not land during the save"
     first = tmp_path / "k" / "checkpoints" / "step-000000001"
     assert latest_checkpoint(tmp_path / "k") == first and (first / "COMPLETE").is_file()

@@ -23,19 +23,19 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/_cli_server.py
 FORK = hasattr(os, "fork") and os.environ.get("RESNET_SCALE_TESTS_NO_FORK") != "1"
 
 
-def run_cli(*argv, cwd=None, launcher=None, timeout=600, env=None):
-    """``resnet-scale train ARGV`` as its own process: (returncode, stdout, stderr) of a CompletedProcess.
-    ``env``: the process's whole environment (default: this one's)."""
+def run_cli(*argv, cwd=None, launcher=None, timeout=600, env=None, subcommand="train"):
+    """``resnet-scale train ARGV`` (or another ``subcommand``) as its own process: (returncode, stdout,
+    stderr) of a CompletedProcess. ``env``: the process's whole environment (default: this one's)."""
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # OMP_NUM_THREADS: tests/conftest.py
     if FORK:
         from _cli_server import fork_launch_args, run_module
 
         if launcher is None:
-            return run_module(["train", *map(str, argv)], env=env, cwd=Path(cwd or REPO), timeout=timeout)
+            return run_module([subcommand, *map(str, argv)], env=env, cwd=Path(cwd or REPO), timeout=timeout)
         if (launch := fork_launch_args(launcher)) is not None:  # tests/workers/fork_launch.py, from the server
             return run_module([*map(str, launcher[5 if launch[1] else 3:]), *map(str, argv)], env=env,
                               cwd=Path(cwd or REPO), timeout=timeout, launch=launch)
-    cmd = launcher or [sys.executable, "-m", "resnet_scale", "train"]
+    cmd = launcher or [sys.executable, "-m", "resnet_scale", subcommand]
     return subprocess.run([*cmd, *map(str, argv)], capture_output=True, text=True, cwd=cwd or REPO,
                           env=env, timeout=timeout)
 
@@ -138,8 +138,11 @@ def test_offline_cifar10_without_data_dir_says_what_to_do(tmp_path):
 
 @pytest.mark.multiprocess
 def test_two_rank_torchrun_shards_data_and_writes_one_run(tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                str(REPO / "launch" / "train.py")]
+    """Two ranks under torchrun's agent (tests/workers/fork_launch.py: its workers forked after the imports;
+    real torchrun runs launch/train.py to the end in test_reliability.py's restart test and the wheel test)."""
+    from test_distributed import ranks
+
+    launcher = ranks(2)
     out = run_cli("--data", "digits", "--depth", "8", "--image-size", "8", "--batch-size", "32", "--epochs", "1",
                   "--log-every", "5", "--output-dir", tmp_path, launcher=launcher)
     assert out.returncode == 0, out.stderr
