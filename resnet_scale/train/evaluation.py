@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from resnet_scale.config import Config, ConfigError
-from resnet_scale.train.run_dir import BEST_WEIGHTS, FINAL_WEIGHTS, load_weights, weights_metadata
+from resnet_scale.train.run_dir import BEST_WEIGHTS, FINAL_WEIGHTS, load_weights, plain_key, weights_metadata
 
 WEIGHTS = {"final": FINAL_WEIGHTS, "best": BEST_WEIGHTS}
 #: Sources that each name one data set; an image folder may hold a copy of any of them.
@@ -138,7 +138,7 @@ def evaluate_run(run_dir: str | Path, *, weights: str = "final", source: str | N
     path = weights_file(run, weights)
     cfg = _eval_config(run_cfg, saved, source, data_dir)
     device_type = resolve_device(device)
-    state_dict = load_weights(path)
+    state_dict = {plain_key(k): v for k, v in load_weights(path).items()}  # (older --compile runs: prefixed)
     outputs = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else None
     _, test_set = _build_data(cfg)
     _check_classes(cfg, run_cfg, saved, list(test_set.classes), outputs or len(test_set.classes))

@@ -105,7 +105,7 @@ class RunDir:
         a plain model. ``metadata``: strings kept in the file's header (the step and accuracy of the best)."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        tensors = {plain_key(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         target = self.path / name
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
@@ -129,6 +129,12 @@ class RunDir:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+def plain_key(key: str) -> str:
+    """A state_dict key as the plain model names it: a torch.compile'd model (--compile) prefixes
+    every key with ``_orig_mod.``, which a model built by ``build_resnet`` does not know."""
+    return key.removeprefix("_orig_mod.")
 
 
 def weights_metadata(path: str | Path) -> dict[str, str]:
