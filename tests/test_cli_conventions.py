@@ -46,7 +46,8 @@ def help_problems(parser: argparse.ArgumentParser) -> list[str]:
     problems = []
     text = parser.format_help()
     for match in RST.finditer(text):
-        problems.append(f"reStructuredText {match.group(0)!r} in: ...{text[max(0, match.start() - 40):match.end() + 20]!r}")
+        context = text[max(0, match.start() - 40):match.end() + 20]
+        problems.append(f"reStructuredText {match.group(0)!r} in: ...{context!r}")
     for action in parser._actions:
         if action.help == argparse.SUPPRESS or not action.option_strings:
             continue
@@ -58,7 +59,7 @@ def help_problems(parser: argparse.ArgumentParser) -> list[str]:
             metavar = action.metavar if isinstance(action.metavar, str) else None
             if metavar is None and action.choices is None:
                 problems.append(f"{name}: no metavar (argparse shows {action.dest.upper()!r})")
-            elif metavar in LAZY_METAVARS or metavar == action.dest.upper() or metavar == action.dest.split(".")[-1].upper():
+            elif metavar in LAZY_METAVARS or metavar in (action.dest.upper(), action.dest.split(".")[-1].upper()):
                 problems.append(f"{name}: metavar {metavar!r} says nothing about the value")
     return problems
 

@@ -150,8 +150,9 @@ def test_low_memory_defaults_and_explicit_flags_win():
     assert (low.per_device_batch, low.micro_batch_size, low.accumulation_steps) == (128, 64, 2)
     odd = resolve_memory(parse("--low-memory", "--batch-size", "90"), world_size=1, device_type="cpu")
     assert (odd.micro_batch_size, odd.accumulation_steps) == (45, 2)
-    mine = resolve_memory(parse("--low-memory", "--activation-checkpointing", "none", "--precision", "fp32", "--no-channels-last",
-                                "--micro-batch-size", "128", "--batch-size", "128"), world_size=1, device_type="cpu")
+    mine = resolve_memory(parse("--low-memory", "--activation-checkpointing", "none", "--precision", "fp32",
+                                "--no-channels-last", "--micro-batch-size", "128", "--batch-size", "128"),
+                          world_size=1, device_type="cpu")
     assert (mine.precision, mine.channels_last, mine.checkpointing, mine.accumulation_steps) == ("fp32", False, "none", 1)
     default = resolve_memory(Config(), world_size=1, device_type="cpu")
     assert (default.precision, default.channels_last, default.checkpointing, default.accumulation_steps) == (

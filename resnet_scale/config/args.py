@@ -194,5 +194,5 @@ def config_to_argv(cfg: Config) -> list[str]:
     return argv
 
 
-__all__ = ["add_config_arguments", "config_from_args", "config_to_argv", "coerce_value", "drop_alternatives", "flag_name",
-           "given_fields", "plain_text"]
+__all__ = ["add_config_arguments", "config_from_args", "config_to_argv", "coerce_value", "drop_alternatives",
+           "flag_name", "given_fields", "plain_text"]

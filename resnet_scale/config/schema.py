@@ -148,8 +148,8 @@ class MemoryConfig:
         "--low-memory).", flag="activation_checkpointing", aliases=("checkpointing",), metavar="POLICY"
     )
     checkpoint_impl: Literal["native", "fairscale"] = _f(
-        "native", "Activation checkpointing implementation: torch.utils.checkpoint with a BatchNorm fix, or fairscale's "
-        "checkpoint_wrapper (pip install 'resnet-scale[fairscale]')."
+        "native", "Activation checkpointing implementation: torch.utils.checkpoint with a BatchNorm fix, or "
+        "fairscale's checkpoint_wrapper (pip install 'resnet-scale[fairscale]')."
     )
     micro_batch_size: Optional[int] = _f(
         None, "Images per forward/backward on each device; the per-device batch is accumulated over "

@@ -33,7 +33,8 @@ def read_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
     """(the run folder, its config, all of its config.json); ConfigError when it is not a run."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise ConfigError(f"{run}: no such run folder; give a run's folder, <output-dir>/<run-name> (e.g. runs/my-run).")
+        raise ConfigError(f"{run}: no such run folder; give a run's folder, <output-dir>/<run-name> "
+                          "(e.g. runs/my-run).")
     path = run / "config.json"
     if not path.is_file():
         raise ConfigError(f"{run} holds no run (no config.json); give the folder of a run, <output-dir>/<run-name>.")
@@ -41,7 +42,8 @@ def read_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
         saved = json.loads(path.read_text())
         cfg = Config.from_dict(saved["config"])
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
-        raise ConfigError(f"{path} cannot be read as the run's config ({type(err).__name__}: {str(err)[:200]}).") from None
+        raise ConfigError(f"{path} cannot be read as the run's config ({type(err).__name__}: "
+                          f"{str(err)[:200]}).") from None
     return run, cfg, saved
 
 
@@ -88,7 +90,8 @@ def _check_classes(cfg: Config, run_cfg: Config, saved: dict[str, Any], classes:
     recorded = saved.get("classes")
     where = f"--data {cfg.data.source}" + (f" --data-dir {cfg.data.data_dir}" if cfg.data.data_dir else "")
     if len(classes) != outputs or isinstance(recorded, list) and list(recorded) != list(classes):
-        run_classes = f"{len(recorded)} classes: {_few(recorded)}" if isinstance(recorded, list) else f"{outputs} classes"
+        run_classes = (f"{len(recorded)} classes: {_few(recorded)}" if isinstance(recorded, list)
+                       else f"{outputs} classes")
         raise ConfigError(f"data source mismatch: {where} has {len(classes)} classes ({_few(classes)}), the run was "
                           f"trained on {run_cfg.data.source} with {run_classes}; evaluate on data with the run's "
                           "classes, in the same order.")
@@ -142,8 +145,9 @@ def evaluate_run(run_dir: str | Path, *, weights: str = "final", source: str | N
     outputs = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else None
     _, test_set = _build_data(cfg)
     _check_classes(cfg, run_cfg, saved, list(test_set.classes), outputs or len(test_set.classes))
-    model = build_resnet(run_cfg.model.block, run_cfg.model.depth, stem=run_cfg.stem(), num_classes=len(test_set.classes),
-                         layers=run_cfg.model.layers, zero_init_residual=run_cfg.model.zero_init_residual)
+    model = build_resnet(run_cfg.model.block, run_cfg.model.depth, stem=run_cfg.stem(),
+                         num_classes=len(test_set.classes), layers=run_cfg.model.layers,
+                         zero_init_residual=run_cfg.model.zero_init_residual)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
