@@ -43,7 +43,7 @@ def _spec(bm, s: dict, batch: int):
 
 def _setting_flags(precision: str, policy: str, channels_last: bool) -> list[str]:
     return ["--precision", precision, "--channels-last" if channels_last else "--no-channels-last",
-            "--checkpointing", policy]
+            "--activation-checkpointing", policy]
 
 # ----------------------------------------------------------------------------- 3. memory
 

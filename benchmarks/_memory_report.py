@@ -23,7 +23,7 @@ MiB, GiB = 2**20, 2**30
 @dataclass(frozen=True)
 class Setting:
     precision: str  # key of memory.DTYPES
-    policy: str  # --checkpointing
+    policy: str  # --activation-checkpointing
     channels_last: bool = False
 
     @property

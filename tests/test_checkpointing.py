@@ -271,7 +271,7 @@ def test_invalid_policy_names_the_valid_ones(bad):
     with pytest.raises(ValueError) as err:
         apply_activation_checkpointing(small_model("basic"), bad)
     msg = str(err.value)
-    assert "--checkpointing" in msg
+    assert "(--activation-checkpointing)" in msg
     for name in ("none", "block", "stage", "sqrt", "every:K"):
         assert name in msg
     with pytest.raises(ValueError):

@@ -81,6 +81,17 @@ def test_a_compiled_run_across_an_epoch_boundary_compiles_one_static_graph(compi
     tests = [json.loads(line) for line in (run["folder"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["samples"] for r in tests if r["split"] == "test"] == [20, 20]
 
+    # The saved weights are the plain model's (no torch.compile "_orig_mod." key prefix): resnet-scale eval
+    # builds the model from config.json, loads them and gets the run's final test accuracy.
+    from resnet_scale.cli import main
+    from resnet_scale.train.run_dir import load_weights
+
+    for name in ("model.safetensors", "model_best.safetensors"):
+        assert not [k for k in load_weights(run["folder"] / name) if k.startswith("_orig_mod.")], name
+    assert main(["eval", str(run["folder"]), "--device", "cpu"]) == 0
+    evaluated = json.loads((run["folder"] / "eval-final.json").read_text())
+    assert (evaluated["accuracy"], evaluated["loss"]) == (summary["final_accuracy"], summary["final_test_loss"])
+
 
 def _images(n: int) -> ImageSet:
     g = torch.Generator().manual_seed(0)

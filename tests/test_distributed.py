@@ -91,7 +91,7 @@ ENGINES = {
     "zero2": ("--zero-stage", "2"),
     "zero3": ("--zero-stage", "3"),
     "zero3-offload": ("--ds-config", str(REPO / "ds_configs" / "zero3_offload.json")),
-    "zero3-checkpointing": ("--zero-stage", "3", "--checkpointing", "block"),
+    "zero3-checkpointing": ("--zero-stage", "3", "--activation-checkpointing", "block"),
 }
 
 

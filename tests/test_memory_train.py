@@ -149,8 +149,9 @@ def test_low_memory_defaults_and_explicit_flags_win():
     assert (low.per_device_batch, low.micro_batch_size, low.accumulation_steps) == (128, 64, 2)
     odd = resolve_memory(parse("--low-memory", "--batch-size", "90"), world_size=1, device_type="cpu")
     assert (odd.micro_batch_size, odd.accumulation_steps) == (45, 2)
-    mine = resolve_memory(parse("--low-memory", "--checkpointing", "none", "--precision", "fp32", "--no-channels-last",
-                                "--micro-batch-size", "128", "--batch-size", "128"), world_size=1, device_type="cpu")
+    mine = resolve_memory(parse("--low-memory", "--activation-checkpointing", "none", "--precision", "fp32",
+                                "--no-channels-last", "--micro-batch-size", "128", "--batch-size", "128"),
+                          world_size=1, device_type="cpu")
     assert (mine.precision, mine.channels_last, mine.checkpointing, mine.accumulation_steps) == ("fp32", False, "none", 1)
     default = resolve_memory(Config(), world_size=1, device_type="cpu")
     assert (default.precision, default.channels_last, default.checkpointing, default.accumulation_steps) == (
@@ -163,8 +164,8 @@ def test_low_memory_defaults_and_explicit_flags_win():
         (["--precision", "fp16"], 1, "cpu", "needs a CUDA GPU"),
         (["--batch-size", "96", "--micro-batch-size", "40"], 1, "cpu", "divisors up to 64: 1, 2, 3, 4, 6, 8"),
         (["--batch-size", "100"], 3, "cpu", "not divisible by the 3 processes"),
-        (["--checkpointing", "every:0"], 1, "cpu", "none, block, stage, sqrt, every:K"),
-        (["--checkpoint-impl", "fairscale"], 1, "cpu", "needs a --checkpointing policy"),
+        (["--activation-checkpointing", "every:0"], 1, "cpu", "none, block, stage, sqrt, every:K"),
+        (["--checkpoint-impl", "fairscale"], 1, "cpu", "needs an --activation-checkpointing policy"),
     ],
 )
 def test_impossible_memory_settings_are_refused(argv, world, device, message):
@@ -196,7 +197,7 @@ def _losses(records):
 def test_checkpointing_leaves_a_whole_training_run_unchanged_and_low_memory_keeps_the_schedule(tmp_path):
     plain = _same_run(tmp_path, "plain")
     for policy, impl in (("block", "native"), ("stage", "native"), ("block", "fairscale")):
-        other = _same_run(tmp_path, f"{policy}-{impl}", "--checkpointing", policy, "--checkpoint-impl", impl)
+        other = _same_run(tmp_path, f"{policy}-{impl}", "--activation-checkpointing", policy, "--checkpoint-impl", impl)
         for a, b in zip(_losses(plain), _losses(other), strict=True):
             assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], abs=1e-5) and a[3] == b[3], (policy, impl)
 

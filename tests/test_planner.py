@@ -320,7 +320,6 @@ def test_cli_nothing_fits_exits_3(capsys):
 @pytest.mark.parametrize("extra, fragment", [
     (["--max-memory", "8G"], "ambiguous"),
     (["--max-memory", "plenty"], "not a size"),
-    ([], "--max-memory SIZE is required"),
     (["--max-memory", "8GiB", "--world-size", "3"], "not divisible"),
 ])
 def test_cli_bad_input_exits_2(capsys, extra, fragment):

@@ -34,13 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "or a dotted path (model.block). Default: block.")
     parser.add_argument("--baseline", default=None, metavar="VALUE",
                         help="The group the others are compared with (default: the first group found).")
-    parser.add_argument("--title", default=DEFAULT_TITLE, help="Report title.")
+    parser.add_argument("--title", default=DEFAULT_TITLE, metavar="TEXT",
+                        help=f"Report title (default: {DEFAULT_TITLE.replace('%', '%%')}).")
     wb = parser.add_argument_group("W&B report")
     wb.add_argument("--wandb-report", action="store_true",
                     help="Also publish the comparison as a W&B Report (needs WANDB_API_KEY, network, synced runs).")
-    wb.add_argument("--wandb-project", default="resnet-scale", metavar="P", help="W&B project of the runs.")
-    wb.add_argument("--wandb-entity", default=None, metavar="E", help="W&B entity (user or team) of the runs.")
-    wb.add_argument("--wandb-group", default=None, metavar="G",
+    wb.add_argument("--wandb-project", default="resnet-scale", metavar="NAME",
+                    help="W&B project of the runs (default: resnet-scale).")
+    wb.add_argument("--wandb-entity", default=None, metavar="NAME",
+                    help="W&B entity (user or team) of the runs.")
+    wb.add_argument("--wandb-group", default=None, metavar="NAME",
                     help="W&B group to show (default: the runs' --run-group, else their names).")
     return parser
 

@@ -34,6 +34,12 @@ DESCRIPTION = "Train a ResNet. --batch-size is the global batch over all process
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(parser)
     parser.add_argument(
+        "--print-config", action="store_true",
+        help="Print the resolved config (defaults, then --config FILE, then the flags; a --resume'd run's own "
+             "config with the flags on top) as YAML, which --config reads back, and exit without training or "
+             "writing anything.",
+    )
+    parser.add_argument(
         "--override", metavar="NAME[,NAME]", default=None,
         help="With --resume: let these settings differ from the run's config.json from the resumed step on "
              "(e.g. --override lr --lr 0.01); config.json records each change and its step. Without it a "
@@ -63,8 +69,27 @@ def _hold(signum, frame) -> None:
 _held: list[int] = []
 
 
+def print_config(ns: argparse.Namespace) -> int:
+    """``--print-config``: the config a run of these flags would train with, as YAML; reads only."""
+    import yaml
+
+    try:
+        cfg = config_from_args(ns).validate()
+        if cfg.train.resume is not None:  # a resumed run trains with its own config.json, the flags on top
+            from resnet_scale.train.resume import open_resume
+
+            cfg = open_resume(cfg, given_fields(ns), parse_overrides(ns.override)).cfg
+    except ConfigError as err:
+        print(f"resnet-scale train: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
 def run(ns: argparse.Namespace) -> int:
     """Train; a Ctrl-C before (or after) the loop is one line and exit 130, whatever it cut short."""
+    if getattr(ns, "print_config", False):
+        return print_config(ns)
     _held.clear()
     previous = signal.signal(signal.SIGINT, _hold)
     try:

@@ -10,9 +10,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Callable, Literal, get_args, get_origin
 
+from resnet_scale.config.checks import ALTERNATIVES
 from resnet_scale.config.errors import ConfigError
 from resnet_scale.config.schema import Config, load_config_file
 from resnet_scale.config.values import coerce_value, field_type
@@ -39,14 +43,45 @@ def _argparse_type(cls: type, f: dataclasses.Field):
 def _show_default(value: Any) -> str:
     if value is None:
         return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Config) -> None:
+def plain_text(text: str) -> str:
+    """Help text without reStructuredText markup: ``code`` and :role:`name` become the bare words."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+#: Metavars by value type, where a field names none (``metadata["metavar"]``).
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old name of a flag: stores like the flag, and says once (main process) what to use instead."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        noted = namespace.__dict__.setdefault("deprecated_flags", [])  # once per command, however often given
+        if option_string not in noted:
+            noted.append(option_string)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{parser.prog}: note: {option_string} is deprecated and will be removed in the next "
+                      f"release; use {self.new} (same values).", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Config,
+                         listed: Callable[[str], bool] | None = None) -> None:
     """One argument group per config section, one flag per field; defaults are SUPPRESSed so that
-    only flags actually given override the config file."""
+    only flags actually given override the config file. ``listed(section.field)`` False: the flag is
+    accepted but left out of ``--help`` (``plan`` lists only what affects memory)."""
     parser.add_argument(
         "--config", metavar="FILE", default=None,
         help="YAML or JSON config (as saved in a run's config.json); flags given here win. A file never "
@@ -56,23 +91,34 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Con
     defaults = config_cls()
     for section in dataclasses.fields(config_cls):
         sub = getattr(defaults, section.name)
-        group = parser.add_argument_group(section.name, (type(sub).__doc__ or "").strip())
+        group = parser.add_argument_group(section.name, plain_text((type(sub).__doc__ or "").strip()))
         for f in dataclasses.fields(sub):
             tp, _ = field_type(type(sub), f.name)
             default = getattr(sub, f.name)
             kwargs: dict[str, Any] = {"dest": f"{section.name}.{f.name}", "default": argparse.SUPPRESS}
-            help_text = f"{f.metadata.get('help', '')} (default: {_show_default(default)})"
+            help_text = plain_text(f.metadata.get("help", ""))
+            if not re.search(r"\bdefault\b", help_text, re.IGNORECASE):  # a help text may say it in its own words
+                help_text += f" (default: {_show_default(default)})"
             if tp is bool:  # --flag / --no-flag; an Optional[bool] stays None when neither is given
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = _argparse_type(type(sub), f)
-                if get_origin(tp) is Literal:
+                if "metavar" in f.metadata:
+                    kwargs["metavar"] = f.metadata["metavar"]
+                elif get_origin(tp) is Literal:
                     kwargs["metavar"] = "{" + ",".join(get_args(tp)) + "}"
                 elif get_origin(tp) is tuple:
                     kwargs["metavar"] = "N,N,..."
                 else:
-                    kwargs["metavar"] = tp.__name__.upper()
-            group.add_argument(flag_name(f), help=help_text.replace("%", "%%"), **kwargs)
+                    kwargs["metavar"] = _METAVARS[tp]
+            hidden = listed is not None and not listed(f"{section.name}.{f.name}")
+            aliases = ["--" + a.replace("_", "-") for a in f.metadata.get("aliases", ())]
+            shown = argparse.SUPPRESS if hidden else help_text.replace("%", "%%")
+            group.add_argument(flag_name(f), help=shown, **kwargs)
+            for alias in aliases:
+                group.add_argument(alias, action=_DeprecatedFlag, new=flag_name(f), **kwargs,
+                                   help=argparse.SUPPRESS if hidden else
+                                   f"Deprecated alias of {flag_name(f)}, removed in the next release.")
 
 
 def config_from_args(ns: argparse.Namespace, config_cls: type = Config) -> Config:
@@ -90,6 +136,18 @@ def config_from_args(ns: argparse.Namespace, config_cls: type = Config) -> Confi
             continue
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
+    return drop_alternatives(cfg, {key for key in vars(ns) if "." in key})
+
+
+def drop_alternatives(cfg: Config, given: set[str] | frozenset[str]) -> Config:
+    """A setting given here wins over its alternative set by a file (``--micro-batch-size`` over a
+    config file's ``grad_accum_steps``): the alternative is unset, unless it was given here too."""
+    for pair in ALTERNATIVES:
+        for name in pair:
+            for other in pair:
+                if other != name and name in given and other not in given:
+                    section, key = other.split(".", 1)
+                    setattr(getattr(cfg, section), key, None)
     return cfg
 
 
@@ -136,4 +194,5 @@ def config_to_argv(cfg: Config) -> list[str]:
     return argv
 
 
-__all__ = ["add_config_arguments", "config_from_args", "config_to_argv", "coerce_value", "flag_name", "given_fields"]
+__all__ = ["add_config_arguments", "config_from_args", "config_to_argv", "coerce_value", "drop_alternatives",
+           "flag_name", "given_fields", "plain_text"]

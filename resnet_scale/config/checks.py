@@ -20,6 +20,9 @@ MAX_WORKERS = 1024
 #: Synthetic classes: more than any image data set has (ImageNet-21k: 21,841).
 MAX_SYNTHETIC_CLASSES = 100_000
 
+#: Settings that say the same thing two ways: at most one of each pair may be set.
+ALTERNATIVES = (("memory.micro_batch_size", "memory.grad_accum_steps"),)
+
 if TYPE_CHECKING:
     from resnet_scale.config.schema import Config
 
@@ -92,6 +95,12 @@ def check_config(cfg: Config) -> None:
         if value < low:
             raise ConfigError(f"{name} {value} must be at least {low}.")
     _check_sizes(cfg)
+    if cfg.memory.micro_batch_size is not None and cfg.memory.grad_accum_steps is not None:
+        raise ConfigError(f"--micro-batch-size {cfg.memory.micro_batch_size} and --grad-accum-steps "
+                          f"{cfg.memory.grad_accum_steps} both set the micro-batch; give one of them (micro-batch = "
+                          "per-device batch / accumulation steps).")
+    if cfg.memory.grad_accum_steps is not None and cfg.memory.grad_accum_steps < 1:
+        raise ConfigError(f"--grad-accum-steps {cfg.memory.grad_accum_steps} must be at least 1 (1: no accumulation).")
     if d.in_memory_limit_gib <= 0:
         raise ConfigError(f"--in-memory-limit-gib {d.in_memory_limit_gib} must be positive.")
     if t.target_accuracy is not None and not 0 < t.target_accuracy <= 1:

@@ -35,7 +35,7 @@ FREE = frozenset({
     "train.requeue",
     # the hardware and how memory is spent on the same steps (the precision is compared once resolved)
     "train.device", "train.deterministic", "memory.precision", "memory.channels_last", "memory.checkpointing",
-    "memory.checkpoint_impl", "memory.micro_batch_size", "memory.offload_activations",
+    "memory.checkpoint_impl", "memory.micro_batch_size", "memory.grad_accum_steps", "memory.offload_activations",
     "memory.oom_recovery", "memory.low_memory", "memory.max_memory",
     # (not memory.compile: compiled epochs leave out their partial last batch, so they train other batches)
     # how the same images are read
@@ -134,12 +134,16 @@ def differences(run: Config, new: Config) -> list[Difference]:
 
 
 def overlay(base: Config, asked: Config, given: Iterable[str]) -> Config:
-    """``base`` with the ``given`` settings taken from ``asked``."""
+    """``base`` with the ``given`` settings taken from ``asked``; a given setting unsets its alternative
+    in ``base`` (``--micro-batch-size`` on a run saved with ``grad_accum_steps``)."""
+    from resnet_scale.config.args import drop_alternatives
+
     out = copy.deepcopy(base)
+    given = set(given)
     for name in given:
         section, key = name.split(".", 1)
         setattr(getattr(out, section), key, copy.deepcopy(get(asked, name)))
-    return out
+    return drop_alternatives(out, given)
 
 
 def parse_overrides(text: str | tuple[str, ...] | None) -> frozenset[str]:
@@ -150,6 +154,10 @@ def parse_overrides(text: str | tuple[str, ...] | None) -> frozenset[str]:
     parts = text.split(",") if isinstance(text, str) else list(text)
     known = fields()
     by_flag = {flag_of(name)[2:]: name for name in known}
+    # field names too (memory.checkpointing's flag is --activation-checkpointing) and old flag names
+    by_flag.update({n.split(".", 1)[1].replace("_", "-"): n for n in known if n.split(".", 1)[1].replace("_", "-")
+                    not in by_flag})
+    by_flag.update({alias.replace("_", "-"): n for n, f in known.items() for alias in f.metadata.get("aliases", ())})
     out = set()
     for part in (p.strip() for p in parts):
         if not part:

@@ -5,7 +5,10 @@ is saved with every run (``config.json``) and sent to the trackers. No globals, 
 (after torchtitan's ``job_config.py``).
 
 Flag names are the field names with dashes (``zero_init_residual`` -> ``--zero-init-residual``),
-unique across sections; a field may name its flag explicitly with ``metadata["flag"]``.
+unique across sections; a field may name its flag explicitly with ``metadata["flag"]`` (the key in
+config files stays the field's name: ``memory.checkpointing`` is ``--activation-checkpointing``), and
+keep an old flag name a while in ``metadata["aliases"]`` (accepted with a deprecation note). Flags show
+``metadata["metavar"]``, else N for an integer and X for a number.
 """
 
 from __future__ import annotations
@@ -80,19 +83,20 @@ class DataConfig:
     )
     data_dir: Optional[str] = _f(
         None, "Folder with cifar-10-batches-py / cifar-100-python, a saved or parquet HF dataset, "
-        "or train/ and test/ class folders for imagefolder."
+        "or train/ and test/ class folders for imagefolder.", metavar="PATH"
     )
-    image_size: Optional[int] = _f(None, "Train/test image side in pixels; default: the source's own size.")
+    image_size: Optional[int] = _f(None, "Train/test image side in pixels (default: the source's own size).")
     download: bool = _f(True, "Allow downloading cifar10/cifar100 when --data-dir does not hold them.")
     augment: Literal["auto", "none", "crop", "flip", "crop+flip"] = _f(
         "auto", "Training augmentation on the device; 'auto' = crop+flip, crop only for digits."
     )
-    crop_padding: Optional[int] = _f(None, "Zero padding of the random crop in pixels; default image_size // 8.")
+    crop_padding: Optional[int] = _f(None, "Zero padding of the random crop in pixels (default: --image-size / 8).")
     in_memory: Literal["auto", "yes", "no"] = _f(
         "auto", "imagefolder only: hold the decoded images on the training device ('auto': when they "
         "take at most --in-memory-limit-gib), else stream them through DataLoader workers."
     )
-    in_memory_limit_gib: float = _f(4.0, "Largest uint8 image folder held in memory by --in-memory auto, in GiB.")
+    in_memory_limit_gib: float = _f(4.0, "Largest uint8 image folder held on the device by --in-memory auto.",
+                                    metavar="GIB")
     num_workers: int = _f(4, "DataLoader worker processes per loader when streaming an imagefolder.")
     synthetic_train_samples: int = _f(1024, "Images in the synthetic train split.")
     synthetic_test_samples: int = _f(256, "Images in the synthetic test split.")
@@ -110,17 +114,19 @@ class DataConfig:
 class OptimConfig:
     """SGD with Nesterov momentum and a per-step learning-rate schedule."""
 
-    lr: float = _f(0.1, "Peak learning rate for the global batch (after warmup); 0.1 suits batch 128 (He et al. 2015).")
+    lr: float = _f(0.1, "Peak learning rate for the global batch (after warmup); 0.1 suits batch 128 (He et al. 2015).",
+                   metavar="RATE")
     momentum: float = _f(0.9, "SGD momentum.")
     nesterov: bool = _f(True, "Nesterov momentum (Sutskever et al. 2013).")
     weight_decay: float = _f(5e-4, "L2 weight decay, not applied to BatchNorm parameters or biases.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss (Szegedy et al. 2016).")
-    max_grad_norm: Optional[float] = _f(None, "Clip the gradient norm to this value (default: no clipping).")
+    max_grad_norm: Optional[float] = _f(None, "Clip the gradient norm to this value (default: no clipping).",
+                                        metavar="NORM")
     schedule: Literal["cosine", "onecycle", "constant"] = _f(
         "cosine", "Learning-rate schedule over optimizer steps: linear warmup then cosine to 0, "
         "one-cycle (linear up, linear down), or constant after warmup."
     )
-    warmup_epochs: float = _f(1.0, "Linear warmup length in epochs (fractions allowed).")
+    warmup_epochs: float = _f(1.0, "Linear warmup length in epochs (fractions allowed).", metavar="EPOCHS")
 
 
 @dataclass
@@ -131,22 +137,27 @@ class MemoryConfig:
 
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = _f(
         None, "Autocast precision; BatchNorm and the weights stay fp32, fp16 uses loss scaling "
-        "(default fp32; bf16 under --low-memory)."
+        "(default: fp32; bf16 under --low-memory)."
     )
     channels_last: Optional[bool] = _f(
-        None, "Model and every batch in channels_last (NHWC) memory format (default off; on under --low-memory)."
+        None, "Model and every batch in channels_last (NHWC) memory format (default: off; on under --low-memory)."
     )
     checkpointing: Optional[str] = _f(
-        None, "Activation checkpointing policy: none, block, stage, sqrt or every:K; BatchNorm-safe "
-        "(default none; block under --low-memory)."
+        None, "Activation checkpointing policy: recompute activations in the backward pass instead of "
+        "keeping them: none, block, stage, sqrt or every:K; BatchNorm-safe (default: none; block under "
+        "--low-memory).", flag="activation_checkpointing", aliases=("checkpointing",), metavar="POLICY"
     )
     checkpoint_impl: Literal["native", "fairscale"] = _f(
-        "native", "Checkpointing implementation: torch.utils.checkpoint with a BatchNorm fix, or fairscale's "
-        "checkpoint_wrapper (pip install 'resnet-scale[fairscale]')."
+        "native", "Activation checkpointing implementation: torch.utils.checkpoint with a BatchNorm fix, or "
+        "fairscale's checkpoint_wrapper (pip install 'resnet-scale[fairscale]')."
     )
     micro_batch_size: Optional[int] = _f(
         None, "Images per forward/backward on each device; the per-device batch is accumulated over "
         "micro-batches (default: the whole per-device batch; <= 64 under --low-memory)."
+    )
+    grad_accum_steps: Optional[int] = _f(
+        None, "Gradient accumulation: micro-batches per optimizer step on each device, so the micro-batch is "
+        "the per-device batch / N (it must divide it); instead of --micro-batch-size."
     )
     offload_activations: bool = _f(
         False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
@@ -166,7 +177,7 @@ class MemoryConfig:
     max_memory: Optional[str] = _f(
         None, "Memory budget per device, e.g. 8GiB (2^30 B), 8GB (10^9 B), 512MiB, or auto (the GPU's free "
         "memory): plan precision, channels_last, checkpointing and micro-batch to fit it before training "
-        "(resnet-scale plan shows the plan); the plan overrides those flags."
+        "(resnet-scale plan shows the plan); the plan overrides those flags.", metavar="SIZE"
     )
 
 
@@ -180,16 +191,16 @@ class DistributedConfig:
         "--ds-config is given, else DDP."
     )
     zero_stage: Optional[int] = _f(
-        None, "DeepSpeed ZeRO stage 0-3 (1 shards optimizer states, 2 also gradients, 3 also parameters); "
-        "default: the --ds-config file's stage."
+        None, "DeepSpeed ZeRO stage 0-3 (1 shards optimizer states, 2 also gradients, 3 also parameters) "
+        "(default: the --ds-config file's stage).", metavar="STAGE"
     )
     offload: Optional[Literal["none", "optimizer", "optimizer+params"]] = _f(
-        None, "ZeRO offload to CPU memory: optimizer states (stage >= 1), and parameters (stage 3); "
-        "default: the --ds-config file's, else none."
+        None, "ZeRO offload to CPU memory: optimizer states (stage >= 1), and parameters (stage 3) "
+        "(default: the --ds-config file's, else none)."
     )
     ds_config: Optional[str] = _f(
         None, "DeepSpeed JSON config; its \"auto\" values are filled from these flags, a value that "
-        "contradicts a flag is an error (templates in ds_configs/)."
+        "contradicts a flag is an error (templates in ds_configs/).", metavar="FILE"
     )
     sync_bn: bool = _f(False, "Synchronise BatchNorm statistics over all processes (for small per-device batches). "
                               "On CUDA, torch's SyncBatchNorm waits for the GPU once per BatchNorm layer in every "
@@ -208,20 +219,22 @@ class TrainConfig:
     batch_size: int = _f(128, "Global batch size: images per optimizer step over all processes.")
     seed: int = _f(0, "Seed for weights, data order and augmentation.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Training device; 'auto' uses the GPU when there is one.")
-    output_dir: str = _f("runs", "Folder that holds one sub-folder per run.")
-    run_name: Optional[str] = _f(None, "Name of this run's folder; default: generated from model, data and time.")
+    output_dir: str = _f("runs", "Folder that holds one sub-folder per run.", metavar="PATH")
+    run_name: Optional[str] = _f(None, "Name of this run's folder (default: made from model, data and time).",
+                                 metavar="NAME")
     tracker: Literal["auto", "wandb", "tensorboard", "none"] = _f(
         "auto", "Where metrics go besides the run folder: Weights & Biases (offline by itself without an API "
-        "key or network; `wandb sync` uploads later), TensorBoard (<run>/tensorboard), or none; 'auto' = "
+        "key or network; wandb sync uploads later), TensorBoard (<run>/tensorboard), or none; 'auto' = "
         "wandb when it is installed (pip install 'resnet-scale[wandb]'), else none."
     )
-    wandb_project: str = _f("resnet-scale", "W&B project of the run.")
-    wandb_entity: Optional[str] = _f(None, "W&B entity (user or team); default: the API key's default entity.")
-    run_group: Optional[str] = _f(None, "Group of related runs (the W&B group), e.g. one comparison.")
-    tags: Optional[tuple[str, ...]] = _f(None, "Comma-separated W&B tags, e.g. r18,plain.")
+    wandb_project: str = _f("resnet-scale", "W&B project of the run.", metavar="NAME")
+    wandb_entity: Optional[str] = _f(None, "W&B entity, a user or team (default: the one of the API key).",
+                                     metavar="NAME")
+    run_group: Optional[str] = _f(None, "Group of related runs (the W&B group), e.g. one comparison.", metavar="NAME")
+    tags: Optional[tuple[str, ...]] = _f(None, "Comma-separated W&B tags, e.g. r18,plain.", metavar="TAG,TAG,...")
     target_accuracy: Optional[float] = _f(
         None, "Test accuracy (0-1); the summary records time_to_target_s, the seconds until an evaluation "
-        "first reaches it."
+        "first reaches it.", metavar="FRACTION"
     )
     checkpoint_every: Optional[int] = _f(
         None, "Save a checkpoint (model, optimizer, schedule, RNG, data position) every N optimizer steps "
@@ -229,9 +242,9 @@ class TrainConfig:
     )
     checkpoint_every_minutes: Optional[float] = _f(
         None, "Also save a checkpoint when this many minutes have passed since the last one (the main "
-        "process's clock decides, so every rank saves at the same step)."
+        "process's clock decides, so every rank saves at the same step).", metavar="MINUTES"
     )
-    keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints of the run.")
+    keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints of the run.", metavar="K")
     max_bad_steps: int = _f(
         3, "Stop the run (exit 4) after this many optimizer steps in a row with a non-finite loss or "
         "gradient; each one's update is skipped, and a non-finite model is never saved."
@@ -241,7 +254,7 @@ class TrainConfig:
     resume: Optional[str] = _f(
         None, "Continue a run with its own config.json: 'auto' = the newest complete checkpoint of --run-name "
         "(none yet: the run starts over in its folder; a finished run: nothing to do), or a checkpoint folder "
-        "<run>/checkpoints/step-N. A flag that changes what the run trains needs --override."
+        "<run>/checkpoints/step-N. A flag that changes what the run trains needs --override.", metavar="{auto,PATH}"
     )
     log_every: int = _f(10, "Write a train metrics line every N optimizer steps.")
     eval_every: int = _f(1, "Evaluate on the test split every N epochs (and always at the end).")

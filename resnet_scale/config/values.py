@@ -113,7 +113,7 @@ def coerce_value(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any
     if optional and value is None:
         return None
     # "none" unsets a number or a choice (--max-steps none); for a free string it is the string
-    # itself (--checkpointing none is a policy, not "unset").
+    # itself (--activation-checkpointing none is a policy, not "unset").
     if optional and tp is not str and isinstance(value, str) and value.lower() in _NONE_WORDS:
         return None
     return _parse_scalar(tp, value, where, optional)

@@ -81,7 +81,7 @@ __all__ = [
 
 logger = logging.getLogger("resnet_scale")
 
-#: ``--checkpointing`` policies: name -> what one segment is.
+#: ``--activation-checkpointing`` policies: name -> what one segment is.
 CHECKPOINT_POLICIES: dict[str, str] = {
     "none": "no checkpointing: every activation is kept for the backward pass",
     "block": "each residual block is one segment (least recompute memory, most segment inputs)",
@@ -99,7 +99,7 @@ _PLAN_ATTR = "_rs_checkpoint_plan"
 
 def _policy_error(policy: object) -> ValueError:
     return ValueError(
-        f"unknown activation checkpointing policy {policy!r} (--checkpointing): choose one of "
+        f"unknown activation checkpointing policy {policy!r} (--activation-checkpointing): choose one of "
         f"none, block, stage, sqrt, every:K with K >= 1 consecutive blocks per segment "
         f"(e.g. every:2)"
     )

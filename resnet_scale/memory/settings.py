@@ -64,7 +64,8 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def resolve_memory(cfg: Config, *, world_size: int, device_type: str) -> MemorySettings:
-    """Concrete settings for this run; explicit flags win over what ``--low-memory`` picks."""
+    """Concrete settings for this run; explicit flags win over what ``--low-memory`` picks. The micro-batch
+    is ``--micro-batch-size``, or the per-device batch / ``--grad-accum-steps``."""
     m, batch = cfg.memory, cfg.train.batch_size
     low = m.low_memory
     if batch % world_size:
@@ -93,17 +94,27 @@ def resolve_memory(cfg: Config, *, world_size: int, device_type: str) -> MemoryS
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
-    micro = m.micro_batch_size
+    divisors = ", ".join(str(d) for d in range(1, min(per_device, 64) + 1) if per_device % d == 0)
+    micro, accum = m.micro_batch_size, m.grad_accum_steps
+    if micro is not None and accum is not None:
+        raise ConfigError(f"--micro-batch-size {micro} and --grad-accum-steps {accum} both set the micro-batch; "
+                          "give one of them (micro-batch = per-device batch / accumulation steps).")
+    if accum is not None:
+        if accum < 1 or per_device % accum:
+            raise ConfigError(
+                f"--grad-accum-steps {accum} must divide the per-device batch {per_device} (--batch-size {batch} "
+                f"/ {world_size} processes) into equal micro-batches; divisors up to 64: {divisors}."
+            )
+        micro = per_device // accum
     if micro is None:
         micro = _largest_divisor_at_most(per_device, LOW_MEMORY_MAX_MICRO_BATCH) if low else per_device
     if micro < 1 or per_device % micro:
         raise ConfigError(
             f"--micro-batch-size {micro} must divide the per-device batch {per_device} "
-            f"(--batch-size {batch} / {world_size} processes); divisors up to 64: "
-            f"{', '.join(str(d) for d in range(1, min(per_device, 64) + 1) if per_device % d == 0)}."
+            f"(--batch-size {batch} / {world_size} processes); divisors up to 64: {divisors}."
         )
     if m.checkpoint_impl == "fairscale" and policy == "none":
-        raise ConfigError("--checkpoint-impl fairscale needs a --checkpointing policy other than none.")
+        raise ConfigError("--checkpoint-impl fairscale needs an --activation-checkpointing policy other than none.")
     return MemorySettings(
         precision=precision,
         channels_last=m.channels_last if m.channels_last is not None else low,

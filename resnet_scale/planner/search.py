@@ -211,8 +211,9 @@ def _changes(c: Candidate, given: Candidate) -> int:
         "precision", "channels_last", "checkpointing", "micro_batch_size", "engine", "zero_stage", "offload"))
 
 
-def _flags(c: Candidate, given: Candidate) -> list[str]:
-    """The flags that turn ``given`` into ``c`` (names from the config fields)."""
+def _flags(c: Candidate, given: Candidate, accumulate: bool = False) -> list[str]:
+    """The flags that turn ``given`` into ``c`` (names from the config fields); ``accumulate``: the
+    command gives the micro-batch as --grad-accum-steps, so the plan does too."""
     from resnet_scale.config import DistributedConfig, MemoryConfig, flag_name
 
     def flag(cls, name: str) -> str:
@@ -227,7 +228,8 @@ def _flags(c: Candidate, given: Candidate) -> list[str]:
     if c.checkpointing != given.checkpointing:
         out += [flag(MemoryConfig, "checkpointing"), c.checkpointing]
     if c.micro_batch_size != given.micro_batch_size:
-        out += [flag(MemoryConfig, "micro_batch_size"), str(c.micro_batch_size)]
+        out += ([flag(MemoryConfig, "grad_accum_steps"), str(c.accumulation_steps)] if accumulate
+                else [flag(MemoryConfig, "micro_batch_size"), str(c.micro_batch_size)])
     if c.engine != given.engine or c.zero_stage != given.zero_stage:
         out += [flag(DistributedConfig, "zero_stage"), str(c.zero_stage)]
     if c.offload != given.offload:
@@ -307,7 +309,7 @@ def plan_memory(cfg: Config, budget_bytes: int, *, world_size: int = 1, device_t
         fits=bool(fitting),
         estimate=est,
         settings=best.as_dict(),
-        flags=_flags(best, given),
+        flags=_flags(best, given, accumulate=cfg.memory.grad_accum_steps is not None),
         predicted_relative_time=rel,
         smallest_budget_bytes=smallest,
         notes=_notes(ctx, best, est, given, given_est),
@@ -325,6 +327,7 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
     out.memory.channels_last = s["channels_last"]
     out.memory.checkpointing = s["checkpointing"]
     out.memory.micro_batch_size = s["micro_batch_size"]
+    out.memory.grad_accum_steps = None  # the plan's micro-batch replaces its alternative
     if s["engine"] == "deepspeed" and out.engine() != "deepspeed" or "--zero-stage" in plan.flags:
         out.distributed.zero_stage = s["zero_stage"]
     if "--offload" in plan.flags:

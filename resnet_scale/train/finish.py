@@ -1,5 +1,6 @@
 """Finishing a run: the summary (``summary.json``), the final weights (``model.safetensors``), the
-samples each process trained on (``samples.json``, --record-samples) and the tracker's last words."""
+samples each process trained on (``samples.json``, --record-samples) and the tracker's last words;
+and the best weights so far (``model_best.safetensors``), written during the run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,19 @@ from accelerate.utils import gather_object
 from resnet_scale.train.checkpoint import checkpoint_dirs
 from resnet_scale.train.control import check_finite_weights, resume_advice
 from resnet_scale.train.metrics import peak_memory_bytes
+from resnet_scale.train.run_dir import BEST_WEIGHTS
 from resnet_scale.train.setup import Run
 from resnet_scale.train.state import LoopState
+
+
+def save_best(run: Run, state: LoopState, epoch: int) -> None:
+    """``model_best.safetensors``: the weights that just reached a new best test accuracy (every rank
+    calls it: gathering ZeRO-3's shards is a collective; the main process writes). The step, epoch and
+    accuracy go into the file's header; a resume reads the step (``RunDir.set_aside_later_best``)."""
+    state_dict = run.accelerator.get_state_dict(run.model)
+    if run.accelerator.is_main_process:
+        run.folder.save_weights(state_dict, BEST_WEIGHTS, metadata={
+            "step": str(state.step), "epoch": str(epoch + 1), "test_accuracy": repr(state.best)})
 
 
 def summarize(run: Run, state: LoopState, oom_events: list[dict[str, int]]) -> dict[str, Any]:

@@ -213,7 +213,7 @@ def step_with_recovery(accelerator: Accelerator, model: nn.Module, optimizer, im
         if smaller is None:
             raise OutOfMemoryUnrecoverable(
                 f"step {step} runs out of memory even with a micro-batch of {memory.micro_batch_size} image(s); "
-                "lower --batch-size, add --checkpointing block / --precision bf16, or use more devices.")
+                "lower --batch-size, add --activation-checkpointing block / --precision bf16, or use more devices.")
         memory = smaller
         accelerator.gradient_accumulation_steps = memory.accumulation_steps
         events.append({"step": step, "micro_batch_size": memory.micro_batch_size,

@@ -1,4 +1,5 @@
-"""A run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.safetensors``.
+"""A run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.safetensors`` (the
+final weights) and ``model_best.safetensors`` (the weights of the best test accuracy so far).
 
 Only the main process writes (the trainer guarantees that). Files that describe a finished run
 are written to a temporary name and renamed, so a crash never leaves half a file under the real
@@ -15,6 +16,9 @@ from typing import Any
 import torch
 
 from resnet_scale.config import Config, ConfigError, check_run_name
+
+#: The final weights, and those of the best test accuracy (written when an evaluation beats the best).
+FINAL_WEIGHTS, BEST_WEIGHTS = "model.safetensors", "model_best.safetensors"
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -95,21 +99,53 @@ class RunDir:
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         _atomic_write(self.path / name, json.dumps(payload, indent=2) + "\n")
 
-    def save_weights(self, state_dict: dict[str, torch.Tensor]) -> Path:
-        """Final weights as ``model.safetensors`` (contiguous, on CPU; loads into a plain model)."""
+    def save_weights(self, state_dict: dict[str, torch.Tensor], name: str = FINAL_WEIGHTS,
+                     metadata: dict[str, str] | None = None) -> Path:
+        """Weights as ``name`` (``model.safetensors``: the final ones), contiguous, on CPU; they load into
+        a plain model. ``metadata``: strings kept in the file's header (the step and accuracy of the best)."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        target = self.path / "model.safetensors"
+        tensors = {plain_key(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        target = self.path / name
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, target)
         return target
+
+    def set_aside_later_best(self, step: int) -> Path | None:
+        """A resume from step ``step``: a ``model_best.safetensors`` saved after that step belongs to the
+        abandoned continuation (a resume from an older checkpoint, or a start over), not to the run as it
+        continues now, whose best accuracy is the checkpoint's. It is renamed, not deleted:
+        ``model_best.step-N.safetensors``; the run writes a new one at its next best. Returns the new name."""
+        best = self.path / BEST_WEIGHTS
+        saved = weights_metadata(best).get("step") if best.is_file() else None
+        if saved is None or not saved.isdigit() or int(saved) <= step:
+            return None
+        aside = best.with_name(f"model_best.step-{int(saved)}.safetensors")
+        os.replace(best, aside)
+        return aside
 
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+def plain_key(key: str) -> str:
+    """A state_dict key as the plain model names it: a torch.compile'd model (--compile) prefixes
+    every key with ``_orig_mod.``, which a model built by ``build_resnet`` does not know."""
+    return key.removeprefix("_orig_mod.")
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a ``.safetensors`` file (reads the header only); {} when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: no metadata to go by
+        return {}
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

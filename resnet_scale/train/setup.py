@@ -157,6 +157,11 @@ def _open_folder(cfg: Config, accelerator: Accelerator, saved: dict[str, Any], r
         restore_hyperparameters(optimizer, scheduler, built)  # this config's lr, momentum, ... (--override)
     with agreed(accelerator):  # e.g. the folder already holds a run: only the main process sees it, all stop
         if main:
+            if checkpoint or resume.start_over:
+                aside = folder.set_aside_later_best(state.step)
+                if aside is not None:
+                    logger.info(f"model_best.safetensors was saved after step {state.step}, where this run "
+                                f"continues: kept as {aside.name}; a new one is written at the run's next best")
             if checkpoint:
                 folder.reopen(metrics_lines=state.metrics_lines)
                 if resume.changes:
@@ -235,7 +240,8 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
     t = cfg.train
     saved = {"environment": environment_info(), "world_size": world, "memory": memory.as_dict(),
              "memory_plan": memory_plan.as_dict() if memory_plan else None,
-             "num_parameters": num_parameters, "weighted_layers": weighted_layers}
+             "num_parameters": num_parameters, "weighted_layers": weighted_layers,
+             "classes": list(train_set.classes)}  # what the model's outputs mean (resnet-scale eval checks them)
     folder, state = _open_folder(cfg, accelerator, saved, resume, optimizer=optimizer, scheduler=scheduler,
                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     if main and t.tracker == "auto" and tracker_kind == "none":

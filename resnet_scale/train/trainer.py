@@ -20,7 +20,7 @@ from resnet_scale.config import Config
 from resnet_scale.train.checkpoint import Preempted, checkpoint_dirs, save_checkpoint
 from resnet_scale.train.control import (LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job,
                                         resume_advice)
-from resnet_scale.train.finish import finish
+from resnet_scale.train.finish import finish, save_best
 from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, peak_memory_bytes, reduce_sums
 from resnet_scale.train.oom import step_with_recovery
 from resnet_scale.train.resume import RunFinished
@@ -172,8 +172,11 @@ class Trainer:
         run, state, t = self.run, self.state, self.run.cfg.train
         if self.sync_buffers:
             broadcast_buffers(run.model, run.accelerator)
+        first = state.last_eval is None  # (a resumed run's state holds the evaluations before the checkpoint)
         state.last_eval = evaluate(run.model, run.test_loader, run.accelerator)
-        state.best = max(state.best, state.last_eval["accuracy"])
+        if first or state.last_eval["accuracy"] > state.best:  # the same on every rank: the sums are reduced
+            state.best = state.last_eval["accuracy"]
+            save_best(run, state, epoch)
         record = {"step": state.step, "epoch": epoch + 1, "split": "test", "loss": state.last_eval["loss"],
                   "accuracy": state.last_eval["accuracy"], "lr": run.optimizer.param_groups[0]["lr"],
                   "images_per_s": None, "samples": state.last_eval["samples"],
