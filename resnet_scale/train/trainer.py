@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from resnet_scale.config import Config
+from resnet_scale.distributed.accelerator import world_size_from_env
 from resnet_scale.train.checkpoint import Preempted, checkpoint_dirs, save_checkpoint
 from resnet_scale.train.control import (LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job,
                                         resume_advice)
 from resnet_scale.train.finish import finish
 from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, peak_memory_bytes, reduce_sums
 from resnet_scale.train.oom import step_with_recovery
+from resnet_scale.train.process_state import ProcessState, check_launch
 from resnet_scale.train.resume import RunFinished
 from resnet_scale.train.setup import Run, set_up
 from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
@@ -31,14 +33,34 @@ from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
 def train(cfg: Config, *, given: frozenset[str] | None = None,
           overrides: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Train as configured; returns the summary also written to ``summary.json`` (for --resume auto of
-    a finished run, its summary, nothing changed). ``given``/``overrides``: see ``set_up``."""
+    a finished run, its summary, nothing changed). ``given``/``overrides``: see ``set_up``.
+
+    Callable any number of times in one process, with any settings: what a run changes in the process
+    (Accelerate's state, environment variables, torch's switches, random generators, signal handlers,
+    a process group it started) is put back when it returns or raises (``process_state.py``).
+    """
+    world = world_size_from_env()
+    check_launch(world)
+    saved = ProcessState.capture(world)
+    saved.start_run()
+    finished = False
     try:
-        run = set_up(cfg, given=given, overrides=overrides)
-    except RunFinished as done:
-        return done.summary
-    trainer = Trainer(run)
-    trainer.fit()
-    return finish(trainer.run, trainer.state, oom_events=trainer.oom_events, seen_samples=trainer.seen_samples)
+        try:
+            run = set_up(cfg, given=given, overrides=overrides)
+        except RunFinished as done:
+            finished = True
+            return done.summary
+        trainer = Trainer(run)
+        try:
+            trainer.fit()
+        finally:
+            trainer.control.close()  # the loop's signal handlers, whatever ended it
+        summary = finish(trainer.run, trainer.state, oom_events=trainer.oom_events,
+                         seen_samples=trainer.seen_samples)
+        finished = True
+        return summary
+    finally:
+        saved.restore(finished=finished)
 
 
 class Trainer:
