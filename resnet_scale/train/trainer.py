@@ -32,12 +32,20 @@ from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
 
 def train(cfg: Config, *, given: frozenset[str] | None = None,
           overrides: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Train as configured; returns the summary also written to ``summary.json`` (for --resume auto of
-    a finished run, its summary, nothing changed). ``given``/``overrides``: see ``set_up``.
+    """Train as ``cfg`` says, in this process (or in each process of a ``torchrun`` / ``accelerate
+    launch`` job), and return the run's summary: final and best test accuracy, final test loss,
+    wall time, images/s, steps, the memory settings used, ``run_dir``, ... (also written to
+    ``<output_dir>/<run_name>/summary.json``, beside ``config.json``, ``metrics.jsonl`` and
+    ``model.safetensors``). With ``--resume auto`` of a finished run: its summary, nothing changed.
 
-    Callable any number of times in one process, with any settings: what a run changes in the process
-    (Accelerate's state, environment variables, torch's switches, random generators, signal handlers,
-    a process group it started) is put back when it returns or raises (``process_state.py``).
+    Callable any number of times in one process, with any settings (fp32 then bf16, DDP then ZeRO):
+    what a run changes in the process (Accelerate's state, environment variables, torch's switches,
+    random generators, the logger's level, signal handlers, a process group it started) is put back
+    when it returns or raises (``process_state.py``). Raises ConfigError (bad settings; nothing
+    written), DataError, and in the loop NonFiniteError / Preempted (a checkpoint was saved).
+
+    ``given`` / ``overrides`` serve ``resnet-scale train --resume``: the settings the command named
+    (None: all of ``cfg``) and those a resumed run may change (``set_up``).
     """
     world = world_size_from_env()
     check_launch(world)
