@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -62,14 +63,16 @@ def process_state() -> dict:
         "threads": torch.get_num_threads(),
         "log_level": logging.getLogger("resnet_scale").level,
         "handlers": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)],
+        "matmul_precision": torch.get_float32_matmul_precision(),
         "torch_rng": torch.get_rng_state(),
+        "numpy_rng": torch.from_numpy(numpy.random.get_state()[1].copy()),
         "python_rng": random.getstate(),
     }
 
 
 def assert_same_state(after: dict, before: dict) -> None:
     for key in before:
-        if key == "torch_rng":
+        if key.endswith("_rng") and key != "python_rng":
             assert torch.equal(after[key], before[key]), key
         else:
             assert after[key] == before[key], key

@@ -109,9 +109,10 @@ class ProcessState:
     @classmethod
     def capture(cls, world_size: int) -> "ProcessState":
         module = sys.modules.get(_HF_DEEPSPEED)
-        rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if "numpy" in sys.modules:
-            rng["numpy"] = sys.modules["numpy"].random.get_state()
+        import numpy  # Accelerate's set_seed seeds it too (a dependency of Accelerate)
+
+        rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                               "numpy": numpy.random.get_state()}
         cuda = torch.cuda.is_initialized()
         if cuda:
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -180,8 +181,7 @@ class ProcessState:
     def _restore_rng(self) -> None:
         random.setstate(self.rng["python"])
         torch.set_rng_state(self.rng["torch"])
-        if "numpy" in self.rng:
-            sys.modules["numpy"].random.set_state(self.rng["numpy"])
+        sys.modules["numpy"].random.set_state(self.rng["numpy"])
         if "cuda" in self.rng:
             torch.cuda.set_rng_state_all(self.rng["cuda"])
 
