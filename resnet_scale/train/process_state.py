@@ -94,7 +94,7 @@ class ProcessState:
     group: bool
     environ: dict[str, str]
     accelerate: tuple[dict, ...]
-    hf_deepspeed: tuple[bool, Any]
+    hf_deepspeed_config: Any  # transformers' reference to the DeepSpeed config, if it was loaded
     deterministic: tuple[bool, bool]
     cudnn: tuple[bool, bool]
     matmul_precision: str
@@ -121,7 +121,7 @@ class ProcessState:
             group=_group_initialized(),
             environ=dict(os.environ),
             accelerate=tuple(dict(state) for state in _accelerate_states()),
-            hf_deepspeed=(module is not None, getattr(module, _REF, None)),
+            hf_deepspeed_config=getattr(module, _REF, None),
             deterministic=(torch.are_deterministic_algorithms_enabled(),
                            torch.is_deterministic_algorithms_warn_only_enabled()),
             cudnn=(torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic),
@@ -149,7 +149,7 @@ class ProcessState:
             state.update(saved)
         module = sys.modules.get(_HF_DEEPSPEED)
         if module is not None:
-            setattr(module, _REF, self.hf_deepspeed[1])
+            setattr(module, _REF, self.hf_deepspeed_config)
         for key in [k for k in os.environ if k not in self.environ]:
             del os.environ[key]
         for key, value in self.environ.items():
