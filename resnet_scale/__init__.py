@@ -65,6 +65,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports these
+    # ruff: noqa: F401
     from resnet_scale import train
     from resnet_scale.config import Config
     from resnet_scale.distributed.sync_bn import apply_sync_batchnorm

@@ -136,7 +136,7 @@ def test_doc_own_loop_torchvision_resnet50_accelerate_checkpointing_channels_las
 
 
 def test_doc_activation_memory_of_any_model(capsys):
-    ns = run_block(SECTIONS[3])
+    run_block(SECTIONS[3])
     plain, saved, peak = [float(x) for line in capsys.readouterr().out.splitlines() for x in line.split()]
     assert plain == pytest.approx(20.5, abs=0.05)  # 81.9 MiB per image (docs/memory.md)
     assert 0 < peak < saved < plain / 2
