@@ -33,3 +33,14 @@ def test_nothing_is_started_for_one_process_an_existing_group_or_no_local_rank()
     assert _start("cuda", initialized=True) is None
     assert _start("cpu", restart_attempt="1", initialized=True) is None
     assert _start("cuda", local_rank=None) is None
+
+
+def test_one_process_under_deepspeed_gets_a_world_of_one_here():
+    """DeepSpeed needs a group even alone, and Accelerate told to use it looks for one; without a launcher
+    nothing else starts it (a one-process ZeRO run failed: "Default process group has not been initialized")."""
+    assert _start("cpu", world_size=1, local_rank=None, deepspeed=True) == ProcessGroupStart("gloo", None, None,
+                                                                                              alone=True)
+    assert _start("cuda", world_size=1, local_rank=None, device_count=2, deepspeed=True) == ProcessGroupStart(
+        "nccl", torch.device("cuda", 0), None, alone=True)
+    assert _start("cpu", world_size=1, deepspeed=True, initialized=True) is None
+    assert _start("cpu", world_size=2, deepspeed=True) is None  # several processes: as before

@@ -263,7 +263,12 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """The whole run. Sections map to argument groups of ``resnet-scale train --help``."""
+    """The whole run. Sections map to argument groups of ``resnet-scale train --help``; each field
+    is one flag (``cfg.train.batch_size`` is ``--batch-size``).
+
+    In Python: ``cfg = Config()`` then set fields (``cfg.model.depth = 50``), or
+    ``Config.from_dict({"model": {"depth": 50}, "train": {"epochs": 1}})``; ``cfg.validate()``
+    refuses settings that cannot work (``train(cfg)`` validates too)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

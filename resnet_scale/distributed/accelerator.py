@@ -41,10 +41,12 @@ class ProcessGroupStart:
     backend: str  # "nccl" (GPUs) or "gloo" (CPU)
     device_id: torch.device | None  # NCCL: this process's GPU, made current first and bound to the group
     store_prefix: str | None  # under a torchrun restart: the attempt's own prefix in the agent's store
+    alone: bool = False  # a world of one on an in-process store (one process under DeepSpeed, no launcher)
 
 
 def process_group_start(device: str, *, world_size: int, local_rank: int | None, device_count: int,
-                        restart_attempt: str | None, initialized: bool) -> ProcessGroupStart | None:
+                        restart_attempt: str | None, initialized: bool,
+                        deepspeed: bool = False) -> ProcessGroupStart | None:
     """Whether (and how) to start the process group here rather than let Accelerate start it.
 
     * NCCL (``device`` cuda, several processes): always here. Accelerate would call
@@ -54,14 +56,25 @@ def process_group_start(device: str, *, world_size: int, local_rank: int | None,
       first and passed as ``device_id``, so the communicator starts eagerly on the right GPU.
     * gloo (CPU): only under a torchrun restart attempt (``TORCHELASTIC_RESTART_COUNT`` set), for the
       store prefix; otherwise Accelerate starts it, as before.
-    * One process, a group that exists already, or no ``LOCAL_RANK`` for NCCL: None (nothing to do here).
+    * One process under DeepSpeed (``deepspeed``): a world of one on an in-process store. DeepSpeed needs
+      a group even alone, and Accelerate, told to use DeepSpeed, looks for one ("Default process group
+      has not been initialized"); without a launcher there is no store to start it on.
+    * One process otherwise, a group that exists already, or no ``LOCAL_RANK`` for NCCL: None (nothing
+      to do here).
 
     The store prefix: the workers of all attempts talk to the agent's one TCPStore; without a prefix a
     restarted rank can read the address a killed rank of the previous attempt published there and fail
     to connect ("Gloo connectFullMesh failed ... Connection refused": 3 restarts in 5 here).
     """
-    if world_size < 2 or initialized:
+    if initialized:
         return None
+    if world_size < 2:
+        if not deepspeed:
+            return None
+        if device == "cuda":
+            return ProcessGroupStart("nccl", torch.device("cuda", (local_rank or 0) % max(device_count, 1)), None,
+                                     alone=True)
+        return ProcessGroupStart("gloo", None, None, alone=True)
     prefix = f"resnet_scale/attempt_{restart_attempt}" if restart_attempt is not None else None
     if device == "cuda":
         if local_rank is None:
@@ -72,7 +85,7 @@ def process_group_start(device: str, *, world_size: int, local_rank: int | None,
     return ProcessGroupStart("gloo", None, prefix)
 
 
-def init_process_group_early(device: str) -> None:
+def init_process_group_early(device: str, *, deepspeed: bool = False) -> None:
     """Start the process group as :func:`process_group_start` says; Accelerate (and DeepSpeed) then
     use it as it is."""
     import torch.distributed as dist
@@ -81,11 +94,18 @@ def init_process_group_early(device: str) -> None:
     start = process_group_start(
         device, world_size=world_size_from_env(), local_rank=int(local_rank) if local_rank is not None else None,
         device_count=torch.cuda.device_count() if device == "cuda" else 0,
-        restart_attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT"), initialized=dist.is_initialized())
+        restart_attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT"), initialized=dist.is_initialized(),
+        deepspeed=deepspeed)
     if start is None:
         return
     if start.device_id is not None:
         torch.cuda.set_device(start.device_id)  # before the group: NCCL binds to the current device
+    if start.alone:
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # what a launcher says, and DeepSpeed's engine asks for
+        dist.init_process_group(start.backend, rank=0, world_size=1, store=dist.HashStore(),
+                                device_id=start.device_id)
+        return
     store, rank, world = next(dist.rendezvous("env://"))
     if start.store_prefix is not None:
         store = dist.PrefixStore(start.store_prefix, store)
@@ -127,7 +147,7 @@ def build_accelerator(cfg: Config, memory: MemorySettings) -> Accelerator:
             )
         kwargs["cpu"] = device == "cpu"
         kwargs["mixed_precision"] = memory.mixed_precision
-    init_process_group_early(device)
+    init_process_group_early(device, deepspeed=cfg.engine() == "deepspeed")
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes != world:
         raise ConfigError(

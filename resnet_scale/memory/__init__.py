@@ -6,7 +6,10 @@ of them).
   with BatchNorm running statistics updated once per step; ``CHECKPOINT_POLICIES`` names and
   explains the policies (``none``, ``block``, ``stage``, ``sqrt``, ``every:K``) and
   ``segments(model, policy)`` lists the blocks of each segment. The module docstring gives the
-  design (segments never cross a stage boundary; state_dict keys never change).
+  design (segments never cross a stage boundary; state_dict keys never change). Works on
+  resnet_scale's and torchvision's ResNets alike.
+* ``segments.py`` -- the policies, a ResNet's stages (``stage_names``, else torchvision's
+  ``layer1`` ... ``layerN``) and the segments a policy cuts them into.
 * ``layout.py`` -- ``apply_channels_last(model)``: NHWC weights for tensor-core convolutions.
 * ``measure.py`` -- ``measure_saved_activation_bytes`` / ``measure_segment_peak_bytes`` /
   ``count_step_flops`` observe one training step's activation memory and FLOPs, on the ``meta``

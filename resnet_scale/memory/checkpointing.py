@@ -7,6 +7,10 @@ activation memory falls from all the blocks' saved tensors to the segment inputs
 segment at a time, for roughly one extra forward pass of compute (Chen, Xu, Zhang, Guestrin
 2016, "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174).
 
+Any ResNet whose stages are ``nn.Sequential`` of blocks called in turn by its forward: resnet_scale's
+(``stage_names``) and torchvision's or timm's (``layer1`` ... ``layer4``); the policies and the
+segments they cut are in ``segments.py``.
+
 Design decisions
 ----------------
 * **Segments never cross a stage boundary.** ``ResNet.forward`` calls each ``layerN`` in turn,
@@ -60,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -69,6 +72,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .segments import CHECKPOINT_POLICIES, parse_policy, segments
+from .segments import block_ranges as _ranges
+from .segments import find_stages as _stages
 
 __all__ = [
     "CHECKPOINT_POLICIES",
@@ -81,91 +88,11 @@ __all__ = [
 
 logger = logging.getLogger("resnet_scale")
 
-#: ``--activation-checkpointing`` policies: name -> what one segment is.
-CHECKPOINT_POLICIES: dict[str, str] = {
-    "none": "no checkpointing: every activation is kept for the backward pass",
-    "block": "each residual block is one segment (least recompute memory, most segment inputs)",
-    "stage": "each stage layerN is one segment (fewest stored inputs, largest recompute)",
-    "sqrt": "ceil(sqrt(n)) consecutive blocks per segment, n = blocks in the model "
-    "(Chen et al. 2016, arXiv:1604.06174), chunked within each stage",
-    "every:K": "K consecutive blocks per segment, chunked within each stage (e.g. every:2)",
-}
 #: ``impl`` choices.
 CHECKPOINT_IMPLS: tuple[str, ...] = ("native", "fairscale")
 
 _APPLIED_ATTR = "_rs_activation_checkpointing"
 _PLAN_ATTR = "_rs_checkpoint_plan"
-
-
-def _policy_error(policy: object) -> ValueError:
-    return ValueError(
-        f"unknown activation checkpointing policy {policy!r} (--activation-checkpointing): choose one of "
-        f"none, block, stage, sqrt, every:K with K >= 1 consecutive blocks per segment "
-        f"(e.g. every:2)"
-    )
-
-
-def parse_policy(policy: str, total_blocks: int) -> int | None:
-    """Blocks per segment for ``policy`` in a model of ``total_blocks`` blocks.
-
-    Returns None for ``none``, 0 for ``stage`` (a whole stage per segment) and K >= 1 otherwise.
-    Raises ValueError naming the valid policies.
-    """
-    if not isinstance(policy, str):
-        raise _policy_error(policy)
-    if policy == "none":
-        return None
-    if policy == "stage":
-        return 0
-    if policy == "block":
-        return 1
-    if policy == "sqrt":
-        return max(1, math.ceil(math.sqrt(total_blocks)))
-    if policy.startswith("every:"):
-        k = policy[len("every:") :]
-        if k.isdigit() and int(k) >= 1:
-            return int(k)
-    raise _policy_error(policy)
-
-
-def _stages(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
-    names = getattr(model, "stage_names", None)
-    if not names:
-        raise ValueError(
-            f"activation checkpointing needs a resnet_scale ResNet (a model with stage_names, "
-            f"each stage an nn.Sequential of blocks); got {type(model).__name__}. Apply it to "
-            f"the model before torch.compile or accelerator.prepare wrap it."
-        )
-    stages = []
-    for name in names:
-        stage = getattr(model, name)
-        if not isinstance(stage, nn.Sequential):
-            raise ValueError(f"stage {name!r} is a {type(stage).__name__}, not an nn.Sequential")
-        stages.append((name, stage))
-    return stages
-
-
-def _ranges(n: int, per_segment: int) -> list[tuple[int, int]]:
-    """[start, stop) block ranges cutting a stage of n blocks (per_segment 0 = whole stage)."""
-    k = n if per_segment == 0 else per_segment
-    return [(a, min(a + k, n)) for a in range(0, n, k)]
-
-
-def segments(model: nn.Module, policy: str) -> list[list[str]]:
-    """Module names of the blocks in each segment, in forward order.
-
-    ``segments(resnet50, "sqrt")`` -> ``[["layer1.0", "layer1.1", "layer1.2"], ["layer2.0", ...],
-    ...]``; ``"none"`` -> ``[]``. Segments never cross a stage boundary (see module docstring).
-    """
-    stages = _stages(model)
-    per_segment = parse_policy(policy, sum(len(s) for _, s in stages))
-    if per_segment is None:
-        return []
-    return [
-        [f"{name}.{i}" for i in range(a, b)]
-        for name, stage in stages
-        for a, b in _ranges(len(stage), per_segment)
-    ]
 
 
 def applied_checkpointing(model: nn.Module) -> dict[str, Any] | None:
@@ -304,8 +231,9 @@ def apply_activation_checkpointing(
     """Checkpoint ``model``'s residual blocks in segments chosen by ``policy``, in place.
 
     Args:
-        model: a resnet_scale ``ResNet`` (anything with ``stage_names`` whose stages are
-            ``nn.Sequential`` of blocks); apply before ``torch.compile`` / ``prepare``.
+        model: a resnet_scale ``ResNet`` or a torchvision (or timm) ``ResNet``: stages named by
+            ``stage_names``, else ``layer1``, ``layer2``, ..., each an ``nn.Sequential`` of blocks;
+            apply before ``torch.compile`` / ``prepare``.
         policy: ``none``, ``block``, ``stage``, ``sqrt`` or ``every:K``
             (:data:`CHECKPOINT_POLICIES`).
         impl: ``"native"`` (``torch.utils.checkpoint``, non-reentrant, BatchNorm-safe) or

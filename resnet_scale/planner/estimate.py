@@ -387,8 +387,10 @@ def given_candidate(cfg: Config, world_size: int, device_type: str) -> Candidate
 
 
 def estimate_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda") -> MemoryEstimate:
-    """Predicted peak memory per device of training ``cfg`` as given, on ``world_size`` devices
-    of type ``device_type`` (module docstring). Raises ConfigError for settings that cannot work."""
+    """Predicted peak memory per device of training ``cfg`` as given, on ``world_size`` devices of
+    type ``device_type`` ("cuda", also planned from a machine without one, or "cpu"): a
+    :class:`MemoryEstimate` (``.total`` bytes, ``.breakdown()`` by what holds them: module
+    docstring). Raises ConfigError for settings that cannot work."""
     ctx = PlanContext.build(cfg, world_size, device_type)
     est = estimate_candidate(ctx, given_candidate(cfg, world_size, device_type))
     est.notes.append(f"dataset: {ctx.dataset_note}")

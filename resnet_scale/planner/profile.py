@@ -2,7 +2,9 @@
 
 ``activation_bytes(key, image_size, precision, channels_last, policy, micro_batch)`` gives the
 bytes one micro-batch saves for backward under a checkpointing policy, and the recompute peak of
-its largest segment; ``model_facts(key, image_size)`` the parameter counts and FLOPs per image.
+its largest segment; ``model_facts(key, image_size)`` the parameter counts and FLOPs per image;
+``estimate_activation_bytes(model, ...)`` the same activation estimate for a model given as such (a
+torchvision ResNet, say).
 
 Both come from one training-mode forward of the un-checkpointed model on the ``meta`` device per
 probe batch size (``measure.py``'s machinery: no compute, no memory), with the saved storages
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["ModelFacts", "ModelKey", "activation_bytes", "meta_model", "model_facts"]
+__all__ = ["ModelFacts", "ModelKey", "activation_bytes", "estimate_activation_bytes", "meta_model", "model_facts"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: The two micro-batch sizes measured; everything between and beyond is the line through them.
@@ -246,15 +248,46 @@ def _policy_bytes(key: ModelKey, image_size: int, precision: str, channels_last:
     return (s1, s2), tuple(zip(k1, k2))
 
 
-def activation_bytes(key: ModelKey, image_size: int, precision: str, channels_last: bool,
-                     policy: str, micro_batch: int) -> tuple[int, int]:
-    """(saved activations, recompute peak) for ``micro_batch`` images. Each is linear in the batch
-    (every saved tensor has the batch as its first dimension, except BatchNorm's per-channel
-    mean/invstd), so two probe batches give it exactly; the peak per segment, then the max."""
+def _at_batch(saved: tuple[int, int], segs: tuple[tuple[int, int], ...], micro_batch: int) -> tuple[int, int]:
+    """(saved, largest recompute peak) at ``micro_batch`` from their values at the two probe batches."""
     (b1, b2) = _PROBE_BATCHES
-    saved, segs = _policy_bytes(key, image_size, precision, channels_last, policy)
 
     def line(v: tuple[int, int]) -> int:
         return v[0] + (v[1] - v[0]) * (micro_batch - b1) // (b2 - b1)
 
     return line(saved), max((line(s) for s in segs), default=0)
+
+
+def activation_bytes(key: ModelKey, image_size: int, precision: str, channels_last: bool,
+                     policy: str, micro_batch: int) -> tuple[int, int]:
+    """(saved activations, recompute peak) for ``micro_batch`` images. Each is linear in the batch
+    (every saved tensor has the batch as its first dimension, except BatchNorm's per-channel
+    mean/invstd), so two probe batches give it exactly; the peak per segment, then the max."""
+    saved, segs = _policy_bytes(key, image_size, precision, channels_last, policy)
+    return _at_batch(saved, segs, micro_batch)
+
+
+def estimate_activation_bytes(model: nn.Module, micro_batch: int, image_size: int, *, precision: str = "fp32",
+                              channels_last: bool = False, policy: str = "none") -> tuple[int, int]:
+    """The planner's activation estimate for any ResNet, resnet_scale's or torchvision's
+    (``torchvision.models.resnet50()``): ``(saved, recompute_peak)`` bytes of one training step on
+    ``micro_batch`` RGB images of ``image_size`` px.
+
+    ``saved``: what the forward keeps for the backward pass with checkpointing ``policy`` (none,
+    block, stage, sqrt, every:K) applied; ``recompute_peak``: what the largest checkpointed segment
+    holds while it is recomputed. ``precision``: fp32, bf16 or fp16 (autocast). Measured on the
+    ``meta`` device (no compute, no memory; the model is not changed, checkpointing already applied
+    to it is ignored: ``policy`` decides), at two probe batch sizes from which every other one
+    follows exactly; equal to ``measure_saved_activation_bytes(model, micro_batch, image_size,
+    policy=policy)`` and ``measure_segment_peak_bytes(...)``. Weight casts, the input batch,
+    gradients and optimizer states are not activations: ``estimate_memory`` adds them for a config.
+    """
+    from resnet_scale.memory.checkpointing import segments
+
+    if precision not in _DTYPES:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(_DTYPES)}")
+    p1, p2 = _measure_profiles(model, _PROBE_BATCHES, image_size, _DTYPES[precision], channels_last)
+    index = {s[0]: i for i, s in enumerate(segments(model, "block"))}
+    segs = [[index[n] for n in seg] for seg in segments(model, policy)]
+    (s1, k1), (s2, k2) = p1.saved(segs), p2.saved(segs)
+    return _at_batch((s1, s2), tuple(zip(k1, k2)), micro_batch)

@@ -318,6 +318,28 @@ def plan_memory(cfg: Config, budget_bytes: int, *, world_size: int = 1, device_t
     )
 
 
+def plan(cfg: Config, max_memory: int | str | None = None, *, world_size: int = 1,
+         device_type: str = "cuda") -> Plan:
+    """The fastest memory settings for training ``cfg`` that fit ``max_memory`` per device.
+
+    ``max_memory``: bytes, or a size such as ``"8GiB"`` / ``"8GB"`` / ``"auto"`` (the GPU's free
+    memory); default ``cfg.memory.max_memory``. ``world_size``: the devices the global batch is split
+    over; ``device_type``: "cuda" (plan for a GPU, also from a machine without one) or "cpu". Returns a
+    :class:`Plan`: ``fits``, the ``estimate`` (bytes by what holds them), the ``flags`` to add to the
+    command and ``predicted_relative_time``; ``apply_plan(cfg, plan)`` gives the config to train with.
+    Raises ConfigError for settings that cannot work at all, or for no budget::
+
+        p = plan(cfg, "8GiB")
+        summary = train(apply_plan(cfg, p)) if p.fits else None  # else: p.smallest_budget_bytes
+    """
+    if max_memory is None:
+        max_memory = cfg.memory.max_memory
+    budget = parse_bytes(max_memory) if max_memory is None or isinstance(max_memory, str) else int(max_memory)
+    if budget is None:
+        raise ConfigError("plan() needs a memory budget: pass max_memory (e.g. '8GiB') or set cfg.memory.max_memory.")
+    return plan_memory(cfg, budget, world_size=world_size, device_type=device_type)
+
+
 def apply_plan(cfg: Config, plan: Plan) -> Config:
     """A copy of ``cfg`` with the plan's memory settings set explicitly (they win over
     --low-memory); the ZeRO stage and offload only where the plan changes the engine."""

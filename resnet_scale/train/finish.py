@@ -82,6 +82,7 @@ def finish(run: Run, state: LoopState, *, oom_events: list[dict[str, int]],
     # gloo worker threads must drop the tensors of the last collectives while Python is still up.
     # Exiting straight after gather_object aborted a rank in ~1 run in 10 ("terminate called
     # without an active exception": a worker thread took the GIL during interpreter shutdown).
+    # The process group, if the run started it, is ended by train() (process_state.py), which leaves
+    # a group the caller started open.
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from resnet_scale.config import Config
+from resnet_scale.distributed.accelerator import world_size_from_env
 from resnet_scale.train.checkpoint import Preempted, checkpoint_dirs, save_checkpoint
 from resnet_scale.train.control import (LoopControl, NonFiniteError, check_finite_weights, requeue_slurm_job,
                                         resume_advice)
 from resnet_scale.train.finish import finish, save_best
 from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, peak_memory_bytes, reduce_sums
 from resnet_scale.train.oom import step_with_recovery
+from resnet_scale.train.process_state import ProcessState, check_launch
 from resnet_scale.train.resume import RunFinished
 from resnet_scale.train.setup import Run, set_up
 from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
@@ -30,15 +32,43 @@ from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
 
 def train(cfg: Config, *, given: frozenset[str] | None = None,
           overrides: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Train as configured; returns the summary also written to ``summary.json`` (for --resume auto of
-    a finished run, its summary, nothing changed). ``given``/``overrides``: see ``set_up``."""
+    """Train as ``cfg`` says, in this process (or in each process of a ``torchrun`` / ``accelerate
+    launch`` job), and return the run's summary: final and best test accuracy, final test loss,
+    wall time, images/s, steps, the memory settings used, ``run_dir``, ... (also written to
+    ``<output_dir>/<run_name>/summary.json``, beside ``config.json``, ``metrics.jsonl`` and
+    ``model.safetensors``). With ``--resume auto`` of a finished run: its summary, nothing changed.
+
+    Callable any number of times in one process, with any settings (fp32 then bf16, DDP then ZeRO):
+    what a run changes in the process (Accelerate's state, environment variables, torch's switches,
+    random generators, the logger's level, signal handlers, a process group it started) is put back
+    when it returns or raises (``process_state.py``). Raises ConfigError (bad settings; nothing
+    written), DataError, and in the loop NonFiniteError / Preempted (a checkpoint was saved).
+
+    ``given`` / ``overrides`` serve ``resnet-scale train --resume``: the settings the command named
+    (None: all of ``cfg``) and those a resumed run may change (``set_up``).
+    """
+    world = world_size_from_env()
+    check_launch(world)
+    saved = ProcessState.capture(world)
+    saved.start_run()
+    finished = False
     try:
-        run = set_up(cfg, given=given, overrides=overrides)
-    except RunFinished as done:
-        return done.summary
-    trainer = Trainer(run)
-    trainer.fit()
-    return finish(trainer.run, trainer.state, oom_events=trainer.oom_events, seen_samples=trainer.seen_samples)
+        try:
+            run = set_up(cfg, given=given, overrides=overrides)
+        except RunFinished as done:
+            finished = True
+            return done.summary
+        trainer = Trainer(run)
+        try:
+            trainer.fit()
+        finally:
+            trainer.control.close()  # the loop's signal handlers, whatever ended it
+        summary = finish(trainer.run, trainer.state, oom_events=trainer.oom_events,
+                         seen_samples=trainer.seen_samples)
+        finished = True
+        return summary
+    finally:
+        saved.restore(finished=finished)
 
 
 class Trainer:

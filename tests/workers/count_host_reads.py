@@ -3,8 +3,8 @@ write each rank's totals to ``OUT.RANK``.
 
 Usage: torchrun ... count_host_reads.py OUT <resnet-scale train flags>
 
-One ``train()`` per launch: a second ``train()`` in the same 2-rank processes re-creates the process
-group on torchrun's store and can hang (a known limit of calling ``train()`` twice under torchrun).
+One ``train()`` per launch: a second ``train()`` in the same 2-rank processes would need a second
+process group on torchrun's store, and is refused (``resnet_scale/train/process_state.py``).
 """
 
 import argparse
