@@ -9,9 +9,12 @@ import argparse
 import json
 import re
 
+from pathlib import Path
+
 import pytest
 import yaml
 
+import resnet_scale
 from resnet_scale import __version__
 from resnet_scale.cli import build_parser, main
 from resnet_scale.cli.plan import MEMORY_SETTINGS
@@ -99,7 +102,8 @@ def test_plan_help_lists_only_what_affects_memory_and_plan_accepts_every_train_f
 def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
-    assert done.value.code == 0 and capsys.readouterr().out == f"resnet-scale {__version__}\n"
+    package = Path(resnet_scale.__file__).resolve().parent  # which copy answers: a checkout or a wheel
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"resnet-scale {__version__} from {package} ")
 
 
 def test_print_config_is_the_resolved_config_as_yaml_and_reads_back(tmp_path, capsys, monkeypatch):

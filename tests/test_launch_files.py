@@ -22,6 +22,7 @@ ACCELERATE_DIR = ROOT / "launch" / "accelerate"
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 DOC = ROOT / "docs" / "distributed.md"
+README = ROOT / "README.md"
 
 #: file -> (distributed_type, num_machines, num_processes)
 YAMLS = {
@@ -68,18 +69,27 @@ def _check_train_args(args: list[str], where: str) -> None:
     config_from_args(ns).validate()
 
 
-def _check_accelerate_command(tokens: list[str], where: str) -> argparse.Namespace:
+def _check_accelerate_command(tokens: list[str], where: str, need_config: bool = True) -> argparse.Namespace:
     assert tokens[:2] == ["accelerate", "launch"], where
     tokens = [PLACEHOLDERS.get(t, t) for t in tokens[2:]]
     try:
         ns = _accelerate_parser().parse_args(tokens)
     except SystemExit:
         pytest.fail(f"{where}: accelerate launch rejects {tokens}")
-    assert ns.config_file, f"{where}: no --config_file"
-    assert (ROOT / ns.config_file).is_file(), f"{where}: {ns.config_file} does not exist"
-    assert (ROOT / ns.training_script).is_file(), f"{where}: {ns.training_script} does not exist"
-    _check_train_args(ns.training_script_args, where)
+    assert ns.config_file or not need_config, f"{where}: no --config_file"
+    assert not ns.config_file or (ROOT / ns.config_file).is_file(), f"{where}: {ns.config_file} does not exist"
+    _check_script(ns.module, ns.training_script, ns.training_script_args, where)
     return ns
+
+
+def _check_script(module: bool, script: str, args: list[str], where: str) -> None:
+    """A launcher's script part: ``launch/train.py FLAGS`` or the package's ``-m resnet_scale train FLAGS``."""
+    if module:
+        assert script == "resnet_scale" and args[:1] == ["train"], f"{where}: -m {script} {args[:1]}"
+        args = args[1:]
+    else:
+        assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
+    _check_train_args(args, where)
 
 
 def _header_command(path: Path) -> list[str]:
@@ -307,9 +317,9 @@ _COMMAND_WORDS = {"accelerate", "bash", "sbatch", "python", "torchrun"}
 _REPO_PATH = re.compile(r"(?<![\w/.-])((?:launch|ds_configs|docs|benchmarks|tests|resnet_scale)/[\w./-]*\w)")
 
 
-def _doc_commands() -> list[str]:
-    """Shell commands quoted in docs/distributed.md: lines of fenced blocks and inline code spans."""
-    text = DOC.read_text()
+def _doc_commands(doc: Path = DOC) -> list[str]:
+    """Shell commands quoted in ``doc``: lines of fenced blocks and inline code spans."""
+    text = doc.read_text()
     commands, prose = [], []
     in_fence = False
     pending = ""
@@ -343,19 +353,27 @@ def test_doc_commands_name_files_that_exist():
     assert len(commands) >= 15
     for command in commands:
         paths = _REPO_PATH.findall(command)
+        if not paths and " -m resnet_scale train" in command:
+            continue  # the package's own entry point: no file of the repository needed
         assert paths, f"docs/distributed.md: `{command}` names no file of the repository"
         for path in paths:
             assert (ROOT / path).exists(), f"docs/distributed.md: `{command}` names {path}, which does not exist"
 
 
-def test_doc_commands_parse():
+@pytest.mark.parametrize("doc", [DOC, README], ids=["distributed.md", "README.md"])
+def test_doc_commands_parse(doc):
     """accelerate launch accepts each `accelerate launch` command, train.py accepts its flags."""
-    for command in _doc_commands():
-        tokens = [t for t in shlex.split(command) if t != "..."]
+    for command in _doc_commands(doc):
+        tokens = [t for t in shlex.split(command, comments=True) if t != "..."]
         while tokens and re.match(r"^[A-Z_]+=", tokens[0]):
             tokens.pop(0)
-        if tokens[:2] == ["accelerate", "launch"]:
-            _check_accelerate_command(tokens, f"docs: `{command}`")
+        if tokens[:2] == ["accelerate", "launch"]:  # the guide gives every one its config file
+            _check_accelerate_command(tokens, f"docs: `{command}`", need_config=doc == DOC)
+        elif tokens[0] == "torchrun" and ("-m" in tokens or any(t.endswith(".py") for t in tokens)):
+            from torch.distributed.run import get_args_parser
+
+            ns = get_args_parser().parse_args(tokens[1:])
+            _check_script(ns.module, ns.training_script, ns.training_script_args, f"docs: `{command}`")
         elif tokens[0] in ("bash", "sbatch"):
             rest = list(tokens[1:])
             while rest and rest[0].startswith("-") and not rest[0].endswith((".sh", ".sbatch")):

@@ -27,8 +27,9 @@ from typing import Any
 from resnet_scale.config import Config, ConfigError
 from resnet_scale.memory.settings import MemorySettings
 
-#: ds_configs/ of this checkout: the templates for --zero-stage N without --ds-config.
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+#: The templates for --zero-stage N without --ds-config: package data (resnet_scale/ds_configs, in a
+#: checkout a link to the top-level ds_configs/, in a wheel a copy of it), so an installed package has them.
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 _OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 #: The largest bucket "auto" gives: 50M elements, 200 MB in fp32.
 BUCKET_CAP = 50_000_000
