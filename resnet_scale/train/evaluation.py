@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from resnet_scale.config import Config, ConfigError
-from resnet_scale.train.run_dir import BEST_WEIGHTS, FINAL_WEIGHTS, load_weights, plain_key, weights_metadata
+from resnet_scale.train.run_dir import (BEST_WEIGHTS, FINAL_WEIGHTS, load_weights, plain_key, read_run_config,
+                                        weights_metadata)
 
 WEIGHTS = {"final": FINAL_WEIGHTS, "best": BEST_WEIGHTS}
 #: Sources that each name one data set; an image folder may hold a copy of any of them.
@@ -38,12 +39,7 @@ def read_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
     path = run / "config.json"
     if not path.is_file():
         raise ConfigError(f"{run} holds no run (no config.json); give the folder of a run, <output-dir>/<run-name>.")
-    try:
-        saved = json.loads(path.read_text())
-        cfg = Config.from_dict(saved["config"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
-        raise ConfigError(f"{path} cannot be read as the run's config ({type(err).__name__}: "
-                          f"{str(err)[:200]}).") from None
+    saved, cfg = read_run_config(path)
     return run, cfg, saved
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from resnet_scale.config import Config, ConfigError
 from resnet_scale.config.compare import MODEL, RUN_SETTINGS, Difference, differences, fields, flag_of, overlay, show
 from resnet_scale.train.checkpoint import resolve_resume
+from resnet_scale.train.run_dir import read_run_config
 from resnet_scale.train.state import LoopState
 
 logger = logging.getLogger("resnet_scale")
@@ -165,12 +166,7 @@ def open_resume(cfg: Config, given: frozenset[str] | None, overrides: frozenset[
         if checkpoint is not None:
             raise ConfigError(f"{path} holds no run (no config.json) to resume; nothing was changed.")
         return resume  # --resume auto of a run that does not exist yet: a fresh start
-    try:
-        saved = json.loads(config_path.read_text())
-        run_cfg = Config.from_dict(saved["config"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
-        raise ConfigError(f"{config_path} cannot be read as the run's config ({type(err).__name__}: "
-                          f"{str(err)[:200]}); nothing was changed.") from None
+    saved, run_cfg = read_run_config(config_path, "; nothing was changed")
     merged = overlay(run_cfg, cfg, given)
     merged.train.output_dir, merged.train.run_name, merged.train.resume = str(path.parent), path.name, t.resume
     resume.cfg, resume.run_cfg, resume.saved = merged.validate(), run_cfg, saved

@@ -131,6 +131,17 @@ class RunDir:
             self._metrics = None
 
 
+def read_run_config(path: Path, consequence: str = "") -> tuple[dict[str, Any], Config]:
+    """A run's ``config.json``: the whole file and its ``config`` as a :class:`Config`; a file that
+    cannot be read as one is a ConfigError naming it (``consequence`` ends the message)."""
+    try:
+        saved = json.loads(path.read_text())
+        return saved, Config.from_dict(saved["config"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
+        raise ConfigError(f"{path} cannot be read as the run's config ({type(err).__name__}: "
+                          f"{str(err)[:200]}){consequence}.") from None
+
+
 def plain_key(key: str) -> str:
     """A state_dict key as the plain model names it: a torch.compile'd model (--compile) prefixes
     every key with ``_orig_mod.``, which a model built by ``build_resnet`` does not know."""
