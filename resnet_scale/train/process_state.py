@@ -25,6 +25,7 @@ can be called any number of times in one Python process (a notebook) with differ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -218,3 +220,25 @@ def _forget_deepspeed_groups() -> None:
             setattr(groups, name, None)
         elif isinstance(value, dict) and name.endswith(("_GROUP", "_GROUP_RANKS")):
             setattr(groups, name, {})
+
+
+@dataclass
+class RunOutcome:
+    """Set ``finished`` once the run has written its summary (a group it started is then ended)."""
+
+    finished: bool = False
+
+
+@contextlib.contextmanager
+def isolated_run(world_size: int) -> Iterator[RunOutcome]:
+    """``with isolated_run(world) as outcome:`` one ``train()``: refused if the launch cannot host it
+    (:func:`check_launch`), started from empty Accelerate states, and on leaving, however it left,
+    the process put back as it was (:meth:`ProcessState.restore`)."""
+    check_launch(world_size)
+    saved = ProcessState.capture(world_size)
+    saved.start_run()
+    outcome = RunOutcome()
+    try:
+        yield outcome
+    finally:
+        saved.restore(finished=outcome.finished)

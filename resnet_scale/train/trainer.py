@@ -24,7 +24,7 @@ from resnet_scale.train.control import (LoopControl, NonFiniteError, check_finit
 from resnet_scale.train.finish import finish, save_best
 from resnet_scale.train.metrics import Window, broadcast_buffers, evaluate, peak_memory_bytes, reduce_sums
 from resnet_scale.train.oom import step_with_recovery
-from resnet_scale.train.process_state import ProcessState, check_launch
+from resnet_scale.train.process_state import isolated_run
 from resnet_scale.train.resume import RunFinished
 from resnet_scale.train.setup import Run, set_up
 from resnet_scale.train.step import BufferSnapshot, StepResult, train_step
@@ -47,28 +47,20 @@ def train(cfg: Config, *, given: frozenset[str] | None = None,
     ``given`` / ``overrides`` serve ``resnet-scale train --resume``: the settings the command named
     (None: all of ``cfg``) and those a resumed run may change (``set_up``).
     """
-    world = world_size_from_env()
-    check_launch(world)
-    saved = ProcessState.capture(world)
-    saved.start_run()
-    finished = False
-    try:
+    with isolated_run(world_size_from_env()) as outcome:
         try:
             run = set_up(cfg, given=given, overrides=overrides)
         except RunFinished as done:
-            finished = True
+            outcome.finished = True
             return done.summary
         trainer = Trainer(run)
         try:
             trainer.fit()
         finally:
             trainer.control.close()  # the loop's signal handlers, whatever ended it
-        summary = finish(trainer.run, trainer.state, oom_events=trainer.oom_events,
-                         seen_samples=trainer.seen_samples)
-        finished = True
+        summary = finish(trainer.run, trainer.state, oom_events=trainer.oom_events, seen_samples=trainer.seen_samples)
+        outcome.finished = True
         return summary
-    finally:
-        saved.restore(finished=finished)
 
 
 class Trainer:
