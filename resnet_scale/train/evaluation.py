@@ -131,7 +131,7 @@ def evaluate_run(run_dir: str | Path, *, weights: str = "final", source: str | N
     from resnet_scale.distributed.accelerator import resolve_device
     from resnet_scale.memory.layout import apply_channels_last
     from resnet_scale.models import build_resnet
-    from resnet_scale.train.setup import _build_data, _loader
+    from resnet_scale.train.setup import build_data, make_loader
 
     run, run_cfg, saved = read_run(run_dir)
     path = weights_file(run, weights)
@@ -139,7 +139,7 @@ def evaluate_run(run_dir: str | Path, *, weights: str = "final", source: str | N
     device_type = resolve_device(device)
     state_dict = {plain_key(k): v for k, v in load_weights(path).items()}  # (older --compile runs: prefixed)
     outputs = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else None
-    _, test_set = _build_data(cfg)
+    _, test_set = build_data(cfg)
     _check_classes(cfg, run_cfg, saved, list(test_set.classes), outputs or len(test_set.classes))
     model = build_resnet(run_cfg.model.block, run_cfg.model.depth, stem=run_cfg.stem(),
                          num_classes=len(test_set.classes), layers=run_cfg.model.layers,
@@ -157,7 +157,7 @@ def evaluate_run(run_dir: str | Path, *, weights: str = "final", source: str | N
     autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
     # The batches one process of the run evaluated: its share of the global batch (the same chunks of the split).
     world = saved.get("world_size") if isinstance(saved.get("world_size"), int) and saved["world_size"] > 0 else 1
-    loader = _loader(test_set, cfg, batch_size=max(1, cfg.train.batch_size // world), train=False,
+    loader = make_loader(test_set, cfg, batch_size=max(1, cfg.train.batch_size // world), train=False,
                      device=torch.device(device_type), rank=0, world_size=1, seed=cfg.train.seed,
                      channels_last=channels_last)
     result = {"run": str(run), "weights": weights, "weights_file": path.name,

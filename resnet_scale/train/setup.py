@@ -76,7 +76,7 @@ class Run:
     weighted_layers: int
 
 
-def _build_data(cfg: Config):
+def build_data(cfg: Config):
     """(train, test): ImageSets held in memory, or ImageFolderIndexes to stream for an image
     folder too big to hold (--in-memory)."""
     d = cfg.data
@@ -96,7 +96,7 @@ def _build_data(cfg: Config):
     )
 
 
-def _loader(data, cfg: Config, **kwargs):
+def make_loader(data, cfg: Config, **kwargs):
     """The device-resident loader, or the streaming one for an indexed image folder; both shard
     and augment identically."""
     if isinstance(data, ImageSet):
@@ -197,7 +197,7 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
     _set_determinism(cfg)
 
     with agreed(accelerator):  # a file one process cannot read stops every process
-        train_set, test_set = _build_data(cfg)
+        train_set, test_set = build_data(cfg)
     if cfg.train.batch_size > len(train_set):
         raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the training split ({len(train_set):,} "
                           f"{cfg.data.source} images); use --batch-size {len(train_set)} or less, or more data.")
@@ -215,9 +215,9 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
     loader_args = dict(device=accelerator.device, rank=accelerator.process_index, world_size=world,
                        seed=cfg.train.seed, channels_last=memory.channels_last)
     # --compile: full batches only (one static shape); the epoch's last partial batch is left out.
-    train_loader = _loader(train_set, cfg, batch_size=cfg.train.batch_size, train=True,
+    train_loader = make_loader(train_set, cfg, batch_size=cfg.train.batch_size, train=True,
                            crop_padding=padding if crop else 0, flip=flip, drop_last=memory.compile, **loader_args)
-    test_loader = _loader(test_set, cfg, batch_size=cfg.train.batch_size, train=False, **loader_args)
+    test_loader = make_loader(test_set, cfg, batch_size=cfg.train.batch_size, train=False, **loader_args)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
