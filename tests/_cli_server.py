@@ -167,7 +167,7 @@ def serve(socket_path: str) -> None:
                 if not line:
                     listener.close()
                     return
-                _fork(json.loads(line), [], lambda answer: print(json.dumps(answer), flush=True), listener)
+                _fork(json.loads(line), [], lambda answer: print(json.dumps(answer), flush=True), [listener])
             else:  # a cli_client.py: its request and its stdin/stdout/stderr
                 conn, _ = listener.accept()
                 with conn:
@@ -179,19 +179,21 @@ def serve(socket_path: str) -> None:
                         data, fds = data + chunk, fds + list(more)
                     if data.endswith(b"\n") and len(fds) == 3:
                         _fork(json.loads(data), fds, lambda answer: conn.sendall(json.dumps(answer).encode() + b"\n"),
-                              listener)
+                              [listener, conn])
                     for fd in fds:
                         os.close(fd)
 
 
-def _fork(request: dict, fds: list[int], answer, listener: socket.socket) -> None:
-    """Fork the child that runs ``request``; ``answer`` its pid, then its wait status."""
+def _fork(request: dict, fds: list[int], answer, channels: list[socket.socket]) -> None:
+    """Fork the child that runs ``request``; ``answer`` its pid, then its wait status. ``channels``: the
+    server's sockets, closed in the child."""
     sys.stdout.flush()
     sys.stderr.flush()
     gc.freeze()  # what the server holds: the children's collections never walk (and copy) it
     pid = os.fork()
     if pid == 0:
-        listener.close()  # the server's request channels are not the child's
+        for channel in channels:  # the server's request channels are not the child's
+            channel.close()
         try:
             _child(request, fds)  # never returns
         except SystemExit as stop:
@@ -208,7 +210,8 @@ class CliServer:
     """One server process per test process, started at the first command."""
 
     def __init__(self, env: dict[str, str]):
-        self.folder = tempfile.mkdtemp(prefix="cli-server-")
+        # A short folder: a unix socket's path has at most 107 bytes, whatever TMPDIR is.
+        self.folder = tempfile.mkdtemp(prefix="cli-server-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self.socket = os.path.join(self.folder, "socket")
         self.proc = subprocess.Popen([sys.executable, "-u", __file__, self.socket], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
