@@ -269,6 +269,18 @@ def test_a_failing_tracker_is_dropped_with_one_warning_and_the_others_go_on(capl
     assert isinstance(none, NullTracker) and none.run_id == "wb123"
 
 
+def test_each_backend_is_an_accelerate_tracker():
+    """A backend works through Accelerate's own tracker API (a loop of the user's own)."""
+    from accelerate import Accelerator
+
+    writer = FakeWriter()
+    accelerator = Accelerator(cpu=True, log_with=[TensorBoardTracker(writer, build_tracker_config(payload()))])
+    accelerator.init_trackers("p", config={"lr": 0.1})
+    accelerator.log({"train/loss": 2.0}, step=3)
+    assert accelerator.get_tracker("tensorboard", unwrap=True) is writer
+    assert ("train/loss", 2.0, 3) in writer.scalars and '"lr": 0.1' in writer.texts["config"]
+
+
 def test_several_trackers_in_flags_files_and_old_configs(tmp_path):
     from resnet_scale.config import load_config_file
 
