@@ -65,6 +65,13 @@ def check_tracker(kinds: str | Sequence[str]) -> None:
     for kind in parse_trackers(kinds):
         if kind in PACKAGE_HINTS and importlib.util.find_spec(kind) is None:
             raise TrackingError(PACKAGE_HINTS[kind])
+        if kind == "tensorboard":  # installed but broken (a dependency missing): say so before training
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError as err:
+                raise TrackingError(f"--tracker tensorboard: tensorboard is installed but cannot be imported "
+                                    f"({err}); reinstall it (pip install --force-reinstall tensorboard) or "
+                                    "train with --tracker none or --tracker wandb.") from None
 
 
 class TrackerGroup:
