@@ -138,20 +138,33 @@ def test_sigterm_with_requeue_asks_slurm_to_requeue_the_job(tmp_path, monkeypatc
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """Stopped, then resumed with --tracker wandb,tensorboard (wandb alone without tensorboard): the
+    W&B run id the checkpoint kept is continued, the finished part sends the weights artifact, and
+    TensorBoard writes on into the run's one folder."""
+    import importlib.util
+
+    from resnet_scale.tracking.offline import find_offline_runs, read_offline_run
+
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    trackers = "wandb,tensorboard" if importlib.util.find_spec("tensorboard") else "wandb"
     i = ARGS.index("--tracker")
     args = ARGS[:i] + ARGS[i + 2:]
-    cmd = [*TRAIN, *args, "--tracker", "wandb", "--output-dir", str(tmp_path), "--run-name", "w"]
+    cmd = [*TRAIN, *args, "--tracker", trackers, "--output-dir", str(tmp_path), "--run-name", "w"]
     code, sent = _stop_at_step(cmd, "step 3/12")
     assert sent and code == EXIT_PREEMPTED
     first_id = json.loads((latest_checkpoint(tmp_path / "w") / "loop_state.json").read_text())["tracker_run_id"]
     assert first_id
-    out = run_cli(*args, "--tracker", "wandb", "--output-dir", tmp_path, "--run-name", "w", "--resume", "auto")
+    out = run_cli(*args, "--tracker", trackers, "--output-dir", tmp_path, "--run-name", "w", "--resume", "auto")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["tracker_run_id"] == first_id
-    parts = sorted(p.name for p in (tmp_path / "w" / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(p.endswith(first_id) for p in parts)  # `wandb sync` joins them
+    parts = find_offline_runs(tmp_path / "w")
+    assert len(parts) == 2 and all(p.name.endswith(first_id) for p in parts)  # `wandb sync` joins them
+    stored = [read_offline_run(p) for p in parts]
+    assert [len(s["artifacts"]) for s in stored] == [0, 1]  # the weights, once the run has them
+    assert "model.safetensors" in stored[1]["artifacts"][0]["files"]
+    if trackers != "wandb":
+        assert len(list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per part
 
 
 def test_api_keys_never_reach_the_run_files(tmp_path, monkeypatch):

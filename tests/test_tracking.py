@@ -15,17 +15,20 @@ from pathlib import Path
 import pytest
 
 from resnet_scale.config import Config
-from resnet_scale.tracking import trackers
+from resnet_scale.config.errors import ConfigError
+from resnet_scale.tracking import tracker_base
 from resnet_scale.tracking.offline import find_offline_runs, read_offline_run
+from resnet_scale.tracking.tensorboard_tracker import TensorBoardTracker
 from resnet_scale.tracking.trackers import (
     NullTracker,
+    TrackerGroup,
     TrackingError,
-    WandbTracker,
     build_tracker,
     build_tracker_config,
     tracker_metrics,
     wandb_mode,
 )
+from resnet_scale.tracking.wandb_tracker import WandbTracker
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex digits, like a real W&B key
@@ -53,7 +56,7 @@ def wandb_env(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
-    monkeypatch.setattr(trackers, "_warned", set())
+    monkeypatch.setattr(tracker_base, "_warned", set())
 
 
 def test_tracker_metrics_name_splits_and_drop_missing_values():
@@ -82,7 +85,7 @@ def test_wandb_offline_main_process_creates_one_run_with_the_full_config(wandb_e
     with caplog.at_level(logging.WARNING, logger="resnet_scale"):
         tracker = build_tracker("wandb", is_main=True, run_dir=run_dir, config=raw, project="resnet-scale-test",
                                 entity=None, group="g1", tags=["a", "b"], run_name="t")
-        assert isinstance(tracker, WandbTracker) and tracker.run_id
+        assert isinstance(tracker.get("wandb"), WandbTracker) and tracker.run_id
         tracker.log(TRAIN, step=10)
         tracker.log(TEST, step=20)
         tracker.summary(SUMMARY)
@@ -100,6 +103,7 @@ def test_wandb_offline_main_process_creates_one_run_with_the_full_config(wandb_e
     assert [row["train/loss"] for row in stored["history"] if "train/loss" in row] == [2.0]
     assert [row["test/accuracy"] for row in stored["history"] if "test/accuracy" in row] == [0.45]
     assert stored["summary"]["final_accuracy"] == 0.45 and stored["summary"]["weighted_layers"] == 8
+    assert stored["metrics"] == {"epoch": None, "time_s": None, "test/*": "epoch"}  # test metrics against epochs
 
     # The other ranks, and --tracker none, create nothing.
     for kind, main in (("wandb", False), ("none", True)):
@@ -121,7 +125,7 @@ def test_api_key_is_never_written_and_an_unreachable_server_means_offline(tmp_pa
         raw = json.loads(Path(sys.argv[1]).read_text())  # not argv: W&B records the command line
         t = build_tracker("wandb", is_main=True, run_dir=Path(sys.argv[2]), config=raw, project="p",
                           entity=None, group=None, tags=[], run_name="k")
-        print(type(t).__name__)
+        print(type(t.get("wandb")).__name__)
         t.log({json.dumps(TRAIN)}, step=10)
         t.summary({{"final_accuracy": 0.5}})
         t.finish()
@@ -179,7 +183,7 @@ def test_missing_packages_and_unknown_kinds_are_clear_errors_on_every_rank(monke
         with pytest.raises(TrackingError, match=r"pip install 'resnet-scale\[wandb\]'.*--tracker none"):
             build_tracker("wandb", is_main=main, run_dir=tmp_path, config=payload(), project="p", run_name="t")
     with pytest.raises(TrackingError, match="not one of wandb, tensorboard, none"):
-        build_tracker("mlflow", is_main=True, run_dir=tmp_path, config=payload(), project="p", run_name="t")
+        build_tracker("wandb,mlflow", is_main=True, run_dir=tmp_path, config=payload(), project="p", run_name="t")
     if real("tensorboard") is None:
         with pytest.raises(TrackingError, match="pip install tensorboard"):
             build_tracker("tensorboard", is_main=True, run_dir=tmp_path, config=payload(), project="p", run_name="t")
@@ -204,35 +208,155 @@ def test_tracking_failures_never_stop_training(wandb_env, monkeypatch, tmp_path,
         def log(self, *a, **k):
             raise ConnectionError("gone")
 
-    tracker = WandbTracker(BrokenRun())
+    tracker = TrackerGroup([WandbTracker(BrokenRun())])
     tracker.log(TRAIN, step=1)  # warns, then goes quiet
     tracker.log(TRAIN, step=2)
     tracker.summary(SUMMARY), tracker.finish()
     assert caplog.text.count("W&B log failed") == 1
 
 
+class FakeWriter:
+    """What TensorBoardTracker calls of a SummaryWriter (the tests of the real one need tensorboard)."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.scalars, self.texts, self.closed, self.fail_after = [], {}, False, fail_after
+
+    def add_scalar(self, key, value, step):
+        if self.fail_after is not None and len(self.scalars) >= self.fail_after:
+            raise OSError("disk full")
+        self.scalars.append((key, value, step))
+
+    def add_text(self, key, text):
+        self.texts[key] = text
+
+    def close(self):
+        self.closed = True
+
+
 def test_tensorboard_tracker_writes_scalars_and_the_config():
-    class Writer:
-        def __init__(self):
-            self.scalars, self.texts, self.closed = [], {}, False
-
-        def add_scalar(self, key, value, step):
-            self.scalars.append((key, value, step))
-
-        def add_text(self, key, text):
-            self.texts[key] = text
-
-        def close(self):
-            self.closed = True
-
-    writer = Writer()
-    tracker = trackers.TensorBoardTracker(writer, build_tracker_config(payload()))
+    writer = FakeWriter()
+    tracker = TrackerGroup([TensorBoardTracker(writer, build_tracker_config(payload()))])
     tracker.log(TEST, step=20)
-    tracker.summary(SUMMARY)
     tracker.finish()
     assert ("test/accuracy", 0.45, 20) in writer.scalars and ("epoch", 1, 20) in writer.scalars
-    assert ("summary/final_accuracy", 0.45, 0) in writer.scalars
     assert '"block": "basic"' in writer.texts["config"] and writer.closed and tracker.run_id is None
+
+
+def test_a_failing_tracker_is_dropped_with_one_warning_and_the_others_go_on(caplog, monkeypatch):
+    """Two trackers; one fails at its second record: one warning line, it gets nothing more, the
+    other gets every record. The W&B run id is what a checkpoint keeps, and a part without W&B
+    carries the id it was resumed with."""
+    monkeypatch.setattr(tracker_base, "_warned", set())
+    broken, good = FakeWriter(fail_after=len(tracker_metrics(TRAIN))), FakeWriter()
+    config = build_tracker_config(payload())
+    group = TrackerGroup([TensorBoardTracker(broken, config), TensorBoardTracker(good, config)])
+    with caplog.at_level(logging.WARNING, logger="resnet_scale"):
+        for step in (1, 2, 3):
+            group.log(TRAIN, step=step)
+        group.finish()
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 1 and "TensorBoard log failed (OSError: disk full)" in failed[0]
+    assert {step for _, _, step in broken.scalars} == {1}
+    assert [v for k, v, _ in good.scalars if k == "train/loss"] == [2.0, 2.0, 2.0] and good.closed
+
+    class Run:
+        id = "wb123"
+
+    assert TrackerGroup([TensorBoardTracker(FakeWriter(), config), WandbTracker(Run())]).run_id == "wb123"
+    assert TrackerGroup([TensorBoardTracker(FakeWriter(), config)], resume_id="wb123").run_id == "wb123"
+    none = build_tracker("none", is_main=True, run_dir=Path("/nonexistent"), config={}, project="p", run_name="t",
+                         resume_id="wb123")
+    assert isinstance(none, NullTracker) and none.run_id == "wb123"
+
+
+def test_each_backend_is_an_accelerate_tracker():
+    """A backend works through Accelerate's own tracker API (a loop of the user's own)."""
+    from accelerate import Accelerator
+
+    writer = FakeWriter()
+    accelerator = Accelerator(cpu=True, log_with=[TensorBoardTracker(writer, build_tracker_config(payload()))])
+    accelerator.init_trackers("p", config={"lr": 0.1})
+    accelerator.log({"train/loss": 2.0}, step=3)
+    assert accelerator.get_tracker("tensorboard", unwrap=True) is writer
+    assert ("train/loss", 2.0, 3) in writer.scalars and '"lr": 0.1' in writer.texts["config"]
+
+
+def test_several_trackers_in_flags_files_and_old_configs(tmp_path):
+    from resnet_scale.config import load_config_file
+
+    assert Config.from_dict({"train": {"tracker": "wandb,tensorboard"}}).trackers() == ("wandb", "tensorboard")
+    assert Config.from_dict({"train": {"tracker": ["tensorboard", "wandb"]}}).train.tracker == "tensorboard,wandb"
+    old = tmp_path / "config.json"  # a run saved before --tracker took several names
+    old.write_text(json.dumps({"config": {"train": {"tracker": "wandb"}}, "environment": {}}))
+    cfg = load_config_file(old)
+    assert cfg.trackers() == ("wandb",) and cfg.tracker() == "wandb"
+    cfg.train.tracker = "none"
+    assert cfg.trackers() == () and cfg.tracker() == "none"
+    for bad, message in (("wandb,mlflow", "'mlflow' is not one of auto, wandb, tensorboard, none"),
+                         ("none,wandb", "'auto' and 'none' stand alone")):
+        cfg.train.tracker = bad
+        with pytest.raises(ConfigError, match=message):
+            cfg.validate()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_run_sends_its_weights_as_a_wandb_artifact_and_its_hparams_to_tensorboard(tmp_path):
+    """A real tiny run with --tracker wandb,tensorboard (wandb alone where tensorboard is not installed):
+    the offline W&B run holds a model artifact whose files are the run's final and best weights, and
+    TensorBoard's event files hold the hyperparameters with the final metrics."""
+    import hashlib
+    import importlib.util
+
+    pytest.importorskip("wandb")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_e2e import run_cli
+
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", **{v: str(tmp_path / "home") for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
+                                                                            "WANDB_DATA_DIR")})
+    out = run_cli("--data", "synthetic", "--synthetic-classes", "2", "--layers", "1,1,1", "--image-size", "8",
+                  "--synthetic-train-samples", "32", "--synthetic-test-samples", "16", "--batch-size", "16",
+                  "--epochs", "2", "--device", "cpu", "--tracker", "wandb,tensorboard" if has_tb else "wandb",
+                  "--output-dir", tmp_path, "--run-name", "a", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "a"
+    summary = json.loads((run / "summary.json").read_text())
+    (offline,) = find_offline_runs(run)
+    stored = read_offline_run(offline)
+    (artifact,) = stored["artifacts"]
+    assert artifact["type"] == "model" and artifact["name"] == f"model-{summary['tracker_run_id']}"
+    weights = sorted(p.name for p in run.glob("model*.safetensors"))
+    assert weights == ["model.safetensors", "model_best.safetensors"]  # the best of 2 evaluations exists
+    assert sorted(artifact["files"]) == weights and set(artifact["aliases"]) >= {"final", "best"}
+    for name, entry in artifact["files"].items():  # the bytes `wandb sync` uploads are the run's weights
+        data = (run / name).read_bytes()
+        assert entry["size"] == len(data) and entry["md5"] == hashlib.md5(data).hexdigest()
+        assert _sha256(entry["local_path"]) == _sha256(run / name)
+    assert artifact["metadata"]["final_accuracy"] == summary["final_accuracy"]
+    assert stored["metrics"]["test/*"] == "epoch" and stored["summary"]["steps"] == summary["steps"]
+    if not has_tb:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert hparams["model.layers"] == "1,1,1" and hparams["train.batch_size"] == 16
+    assert hparams["train.tracker"] == "wandb,tensorboard"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"hparam/final_accuracy", "hparam/best_accuracy"}
+    final = events.Scalars("hparam/final_accuracy")
+    assert [e.value for e in final] == [pytest.approx(summary["final_accuracy"])]
+    assert [e.step for e in events.Scalars("test/accuracy")] and "train/loss" in events.Tags()["scalars"]
 
 
 def _tracking_flags_wired() -> bool:

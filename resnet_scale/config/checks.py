@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from resnet_scale.config.errors import ConfigError
 from resnet_scale.config.names import check_run_name
-from resnet_scale.config.values import coerce_value, field_type
+from resnet_scale.config.values import coerce_value, field_type, split_trackers
 
 #: Seeds go to Python's, numpy's and torch's generators; numpy takes [0, 2**32).
 SEED_MAX = 2**32 - 1
@@ -62,6 +62,7 @@ def check_config(cfg: Config) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     _check_numbers(cfg)
     cfg.layers()
+    split_trackers(t.tracker)  # one known name, or several: wandb,tensorboard
     if m.zero_init_residual and m.block == "plain":
         raise ConfigError(
             "--zero-init-residual zeroes the last BatchNorm of a residual branch, but plain blocks "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from resnet_scale.config.errors import ConfigError
-from resnet_scale.config.values import _shown, coerce_value
+from resnet_scale.config.values import _shown, coerce_value, split_trackers
 
 BLOCKS = ("plain", "basic", "bottleneck")
 STEMS = ("auto", "cifar", "imagenet")
@@ -222,10 +222,11 @@ class TrainConfig:
     output_dir: str = _f("runs", "Folder that holds one sub-folder per run.", metavar="PATH")
     run_name: Optional[str] = _f(None, "Name of this run's folder (default: made from model, data and time).",
                                  metavar="NAME")
-    tracker: Literal["auto", "wandb", "tensorboard", "none"] = _f(
-        "auto", "Where metrics go besides the run folder: Weights & Biases (offline by itself without an API "
-        "key or network; wandb sync uploads later), TensorBoard (<run>/tensorboard), or none; 'auto' = "
-        "wandb when it is installed (pip install 'resnet-scale[wandb]'), else none."
+    tracker: str = _f(
+        "auto", "Where metrics go besides the run folder, one or several comma-separated: wandb (Weights & "
+        "Biases; offline by itself without an API key or network, wandb sync uploads later), tensorboard "
+        "(<run>/tensorboard), e.g. wandb,tensorboard; or none; 'auto' = wandb when it is installed "
+        "(pip install 'resnet-scale[wandb]'), else none.", metavar="KIND[,KIND]", comma_list=True
     )
     wandb_project: str = _f("resnet-scale", "W&B project of the run.", metavar="NAME")
     wandb_entity: Optional[str] = _f(None, "W&B entity, a user or team (default: the one of the API key).",
@@ -302,13 +303,18 @@ class Config:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
-    def tracker(self) -> str:
-        """The tracker after resolving 'auto' (wandb when installed)."""
-        if self.train.tracker != "auto":
-            return self.train.tracker
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers after resolving 'auto' (wandb when installed); () for none."""
+        kinds = split_trackers(self.train.tracker)
+        if kinds != ("auto",):
+            return kinds
         import importlib.util
 
-        return "wandb" if importlib.util.find_spec("wandb") is not None else "none"
+        return ("wandb",) if importlib.util.find_spec("wandb") is not None else ()
+
+    def tracker(self) -> str:
+        """The trackers after resolving 'auto', comma-separated ('none' for none)."""
+        return ",".join(self.trackers()) or "none"
 
     def engine(self) -> str:
         """'ddp' or 'deepspeed' after resolving --distributed auto."""

@@ -110,6 +110,8 @@ def _shown(value: Any) -> str:
 
 def coerce_value(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     tp, optional = field_type(cls, f.name)
+    if f.metadata.get("comma_list") and isinstance(value, (list, tuple)):  # a file's list: wandb, tensorboard
+        value = ",".join(map(str, value))
     if optional and value is None:
         return None
     # "none" unsets a number or a choice (--max-steps none); for a free string it is the string
@@ -117,3 +119,24 @@ def coerce_value(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any
     if optional and tp is not str and isinstance(value, str) and value.lower() in _NONE_WORDS:
         return None
     return _parse_scalar(tp, value, where, optional)
+
+
+#: The trackers --tracker names (besides 'auto' and 'none').
+TRACKER_KINDS = ("wandb", "tensorboard")
+
+
+def split_trackers(value: Any) -> tuple[str, ...]:
+    """``--tracker`` as a tuple of kinds: ``"wandb,tensorboard"`` or a list of names; ``none`` is ();
+    ``auto`` stands alone. Duplicates are dropped. Anything else is a ConfigError that says what is valid."""
+    words = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if words is None or not all(isinstance(w, str) for w in words):
+        raise ConfigError(f"--tracker {value!r}: expected comma-separated names like wandb,tensorboard.")
+    kinds = tuple(dict.fromkeys(w.strip().lower() for w in words if w.strip()))
+    valid = ", ".join(("auto", *TRACKER_KINDS, "none"))
+    for kind in kinds:
+        if kind not in (*TRACKER_KINDS, "auto", "none"):
+            raise ConfigError(f"--tracker {kind!r} is not one of {valid} (several: --tracker wandb,tensorboard).")
+    if len(kinds) > 1 and ({"auto", "none"} & set(kinds)):
+        raise ConfigError(f"--tracker {','.join(kinds)}: 'auto' and 'none' stand alone; name the trackers, "
+                          "e.g. --tracker wandb,tensorboard.")
+    return () if kinds in ((), ("none",)) else kinds

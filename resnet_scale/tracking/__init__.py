@@ -1,8 +1,11 @@
 """Tracking and comparison: trackers (W&B, TensorBoard, none) fed by the training loop, and
 reports that compare finished runs from their own folders (``resnet-scale report``).
 
-* ``trackers.py`` -- ``build_tracker(kind, ...)``: a real tracker on the main process, a no-op on
-  the others; W&B goes offline by itself without an API key or network.
+* ``trackers.py`` -- ``build_tracker("wandb,tensorboard", ...)``: real trackers on the main process,
+  a no-op on the others; one that fails is dropped, the others go on. The backends
+  (``wandb_tracker.py``: offline by itself without an API key or network, the weights as a model
+  artifact; ``tensorboard_tracker.py``: hyperparameters with the final metrics) are Accelerate
+  trackers, imported only when asked for.
 * ``environment.py`` -- ``environment_info()``: versions, git commit, CPU and GPU, saved with
   every run's config.
 * ``runs.py`` -- finished runs read back from ``config.json``, ``metrics.jsonl`` and
@@ -21,6 +24,7 @@ from resnet_scale.tracking.trackers import (
     TRACKERS,
     NullTracker,
     Tracker,
+    TrackerGroup,
     TrackingError,
     build_tracker,
     build_tracker_config,
@@ -33,6 +37,7 @@ __all__ = [
     "NullTracker",
     "ReportError",
     "Tracker",
+    "TrackerGroup",
     "TrackingError",
     "build_tracker",
     "build_tracker_config",

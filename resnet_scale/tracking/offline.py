@@ -9,6 +9,7 @@ holding serialised ``wandb_internal_pb2.Record`` messages (the LevelDB log forma
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from pathlib import Path
@@ -55,8 +56,11 @@ def _apply(target: dict[str, Any], item) -> None:
 
 
 def read_offline_run(path: str | Path) -> dict[str, Any]:
-    """``{"run_id", "project", "group", "name", "tags", "config", "summary", "history"}`` of one
-    offline run folder (or its ``.wandb`` file)."""
+    """``{"run_id", "project", "group", "name", "tags", "config", "summary", "history", "metrics",
+    "artifacts"}`` of one offline run folder (or its ``.wandb`` file). ``metrics``: the
+    ``define_metric`` calls, ``{name or glob: step_metric}``. ``artifacts``: each logged artifact as
+    ``{"name", "type", "aliases", "metadata", "files"}``, ``files`` mapping each entry's name to
+    ``{"size", "md5"`` (hex)``, "local_path"}`` (the file ``wandb sync`` uploads)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
@@ -65,7 +69,7 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         if not files:
             raise FileNotFoundError(f"{path} holds no run-*.wandb file")
         path = files[0]
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": []}
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "metrics": {}, "artifacts": []}
     for raw in _records(path.read_bytes()):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -87,5 +91,18 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
             for item in record.history.item:
                 _apply(row, item)
             out["history"].append(row)
+        elif kind == "metric":
+            metric = record.metric
+            out["metrics"][metric.name or metric.glob_name] = metric.step_metric or None
+        elif kind == "artifact":
+            out["artifacts"].append(_artifact(record.artifact))
     out["config"].pop("_wandb", None)
     return out
+
+
+def _artifact(artifact) -> dict[str, Any]:
+    files = {entry.path: {"size": entry.size, "md5": base64.b64decode(entry.digest).hex(),
+                          "local_path": entry.local_path or None}
+             for entry in artifact.manifest.contents}
+    return {"name": artifact.name, "type": artifact.type, "aliases": list(artifact.aliases),
+            "metadata": json.loads(artifact.metadata) if artifact.metadata else {}, "files": files}

@@ -11,7 +11,7 @@ from accelerate.utils import gather_object
 from resnet_scale.train.checkpoint import checkpoint_dirs
 from resnet_scale.train.control import check_finite_weights, resume_advice
 from resnet_scale.train.metrics import peak_memory_bytes
-from resnet_scale.train.run_dir import BEST_WEIGHTS
+from resnet_scale.train.run_dir import BEST_WEIGHTS, FINAL_WEIGHTS
 from resnet_scale.train.setup import Run
 from resnet_scale.train.state import LoopState
 
@@ -73,6 +73,9 @@ def finish(run: Run, state: LoopState, *, oom_events: list[dict[str, int]],
         run.folder.write_summary(summary)
         run.folder.close()
         run.tracker.summary(summary)
+        weights = [run.folder.path / name for name in (FINAL_WEIGHTS, BEST_WEIGHTS)]
+        run.tracker.log_weights([p for p in weights if p.is_file()],  # W&B: a model artifact
+                                {k: summary[k] for k in ("steps", "final_accuracy", "best_accuracy")})
         run.tracker.finish()
         run.progress.message(
             f"done: final accuracy {summary['final_accuracy']:.2%}, best {summary['best_accuracy']:.2%}, "

@@ -113,12 +113,12 @@ def _set_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
 
 
-def _check(cfg: Config) -> tuple[str, str]:
-    """The checks that need no data: returns (the tracker kind, the device type)."""
+def _check(cfg: Config) -> tuple[tuple[str, ...], str]:
+    """The checks that need no data: returns (the trackers, the device type)."""
     cfg.validate()
     if cfg.train.resume in (None, "auto"):
         check_output_dir(cfg.train.output_dir)  # an unwritable --output-dir: refused before any data loads
-    tracker_kind = cfg.tracker()
+    tracker_kind = cfg.trackers()
     check_tracker(tracker_kind)  # a missing package stops every rank before any data loads
     device_type = resolve_device(cfg.train.device)
     if cfg.memory.max_memory == "auto" and world_size_from_env() > 1:
@@ -244,7 +244,7 @@ def set_up(cfg: Config, *, given: frozenset[str] | None = None, overrides: froze
              "classes": list(train_set.classes)}  # what the model's outputs mean (resnet-scale eval checks them)
     folder, state = _open_folder(cfg, accelerator, saved, resume, optimizer=optimizer, scheduler=scheduler,
                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    if main and t.tracker == "auto" and tracker_kind == "none":
+    if main and t.tracker == "auto" and not tracker_kind:
         logger.info("tracking: W&B is not installed, metrics go to the run folder only "
                     "(pip install 'resnet-scale[wandb]')")
     with agreed(accelerator):  # the tracker starts on the main process only
