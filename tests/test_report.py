@@ -239,17 +239,26 @@ def _recipe(name, tmp_path, **env):
     ("basic_vs_bottleneck_r50.sh", "r50-basic-vs-bottleneck", ("basic", "bottleneck"), "50"),
 ])
 def test_recipes_train_each_block_and_seed_alike_then_report(recipe, group, blocks, depth, tmp_path):
-    out = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0 1")
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # CIFAR-10 is there: the default
+    (tmp_path / "empty").mkdir()
+    out = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0 1", DATA_DIR=str(tmp_path / "data"))
     assert out.returncode == 0, out.stderr
     commands = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("+ ")]
     train, report = commands[:-1], commands[-1]
     assert [(c[c.index("--block") + 1], c[c.index("--seed") + 1]) for c in train] == \
         [(b, s) for s in ("0", "1") for b in blocks]
     for c in train:  # CIFAR-10, 100 epochs, equal batch size and learning rate for every run
-        for flag, value in (("--data", "cifar10"), ("--depth", depth), ("--batch-size", "128"), ("--lr", "0.1"),
-                            ("--epochs", "100"), ("--tracker", "wandb"), ("--output-dir", str(tmp_path / "runs"))):
+        for flag, value in (("--data", "cifar10"), ("--data-dir", str(tmp_path / "data")), ("--depth", depth),
+                            ("--batch-size", "128"), ("--lr", "0.1"), ("--epochs", "100"), ("--tracker", "wandb"),
+                            ("--output-dir", str(tmp_path / "runs"))):
             assert c[c.index(flag) + 1] == value, (flag, c)
         assert c[c.index("--run-group") + 1] == group
+    # no CIFAR-10 in DATA_DIR nor the Hugging Face cache: digits (offline), 5 epochs
+    offline = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0", DATA_DIR=str(tmp_path / "empty"),
+                      HF_DATASETS_CACHE=str(tmp_path / "empty"))
+    assert offline.returncode == 0 and "digits instead" in offline.stdout, offline.stderr
+    for c in [line[2:].split() for line in offline.stdout.splitlines() if line.startswith("+ ")][:-1]:
+        assert c[c.index("--data") + 1] == "digits" and c[c.index("--epochs") + 1] == "5" and "--data-dir" not in c
     assert report[:3] == ["resnet-scale", "report", str(tmp_path / "runs")]
     assert report[report.index("--group-by") + 1] == "block" and report[report.index("--baseline") + 1] == blocks[0]
 

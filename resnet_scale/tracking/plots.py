@@ -153,7 +153,7 @@ def plot_bars(groups: dict[str, list[Run]], group_by: str, out: Path, stem: str,
         std = statistics.stdev(present) if len(present) > 1 else 0.0
         ax.bar(i, mean, yerr=std, capsize=4, color=colours[group], width=0.6, ecolor="#333")
         ax.plot([i] * len(present), present, "o", color="#222", markersize=3, alpha=0.7)
-        ax.text(i, mean + std, f"{mean:,.3g}\n", ha="center", va="bottom", fontsize=8)
+        ax.text(i, mean + std, f"{mean:,.0f}\n" if abs(mean) >= 100 else f"{mean:.3g}\n", ha="center", va="bottom", fontsize=8)
     top = max((v / scale for v in values.values() if v is not None), default=1.0)
     ax.set_ylim(0, top * 1.25)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)

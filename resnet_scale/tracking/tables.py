@@ -126,6 +126,8 @@ def _signed(key: str, value: float | None) -> str:
         return f"{value / 2**30:+.2f} GiB"
     if key == "images_per_s":
         return f"{value:+,.1f}" if abs(value) < 100 else f"{value:+,.0f}"
+    if abs(value) < 10:
+        return f"{value:+.2f} s"
     return f"{value:+.1f} s" if abs(value) < 600 else f"{value / 60:+.1f} min"
 
 
