@@ -122,10 +122,11 @@ def _conclusions(result: dict[str, Any]) -> list[str]:
     """What the difference table says, in words (empty with one group)."""
     if not result["differences"]:
         return []
-    return ["Differences are Welch's: the 95 % confidence interval of the difference of means "
-            "(t quantile at the Welch–Satterthwaite degrees of freedom) and the two-sided p-value "
-            "of Welch's t-test; with fewer than 2 runs in a group (or no spread in either), the "
-            "report cannot tell and gives neither.", *result["significance"]]
+    method = ("Differences are Welch's: the 95 % confidence interval of the difference of means "
+              "(t quantile at the Welch–Satterthwaite degrees of freedom) and the two-sided p-value "
+              "of Welch's t-test; with fewer than 2 runs in a group (or no spread in either), the "
+              "report cannot tell and gives neither.")
+    return [method, *result["significance"]]
 
 
 def _section_titles(result: dict[str, Any]) -> dict[str, str]:

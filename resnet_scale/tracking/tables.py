@@ -1,5 +1,6 @@
 """The numbers of a comparison report: per-run rows straight from each ``summary.json``, mean ±
-std over the runs (seeds) of each group, and each group's difference from the baseline group.
+sample std and n over the runs (seeds) of each group, and each group's difference from the
+baseline group with its 95 % interval and Welch t-test p-value (``stats.py``).
 
 Tables are lists of rows of already formatted strings, so the Markdown, the HTML and the W&B
 report show the same text; ``format_value`` is the one formatter.
