@@ -106,6 +106,8 @@ def plot_curve(groups: dict[str, list[Run]], group_by: str, out: Path, stem: str
         xs = [v / scale for v in curve["x"]]
         low = [m - s for m, s in zip(curve["mean"], curve["std"])]
         high = [m + s for m, s in zip(curve["mean"], curve["std"])]
+        if y == "accuracy":  # a band, not a claim: no accuracy below 0 or above 100 %
+            low, high = [max(v, 0.0) for v in low], [min(v, 1.0) for v in high]
         ax.fill_between(xs, low, high, color=colours[group], alpha=0.2, linewidth=0)
         ax.plot(xs, curve["mean"], "-", color=colours[group], label=f"{group} (n={len(runs)})", linewidth=1.8,
                 marker="o" if len(xs) <= 12 else None, markersize=3)
@@ -114,7 +116,7 @@ def plot_curve(groups: dict[str, list[Run]], group_by: str, out: Path, stem: str
             if points:
                 seed_lines.append(run.name)
                 ax.plot(*zip(*points), _STYLES[1 + i % (len(_STYLES) - 1)], color=colours[group], linewidth=0.8,
-                        alpha=0.6)
+                        alpha=0.6, gid=f"run-{run.name}")
     band = "mean ± 1 std over runs" + ("; thin lines: each run" if per_seed else "")
     ax.set(title=f"{title}\n({band})", xlabel=xlabel, ylabel=ylabel)
     ax.title.set_fontsize(10)
