@@ -20,7 +20,7 @@ from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
 from resnet_scale.tracking.report import DEFAULT_TITLE
 
 NAME = "report"
-HELP = "compare run folders over seeds: mean +- std curves, tables with 95% intervals and p-values"
+HELP = "compare run folders over seeds: mean +- std curves, confidence intervals and p-values"
 DESCRIPTION = "Build a comparison report from local run folders (or output folders holding runs)."
 
 
