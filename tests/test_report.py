@@ -19,6 +19,7 @@ from resnet_scale.tracking.tables import format_spread, format_value
 from resnet_scale.tracking.trackers import TrackingError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_report_stats import t_mass  # noqa: E402
 from test_train_e2e import FORK, REPO, run_cli  # noqa: E402
 
 BLOCKS, SEEDS = ("plain", "basic"), (0, 1, 2)
@@ -299,21 +300,6 @@ def test_digits_recipe_runs_end_to_end_offline(recipe, groups, tmp_path):
     assert [g["group"] for g in result["groups"]] == groups  # the recipe's baseline first
 
 
-def _t_pdf(x, df):
-    import math
-
-    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
-        * (1 + x * x / df) ** (-(df + 1) / 2)
-
-
-def _t_mass(t, df, steps=20000):
-    """P(0 <= T <= t) by Simpson's rule on the density: a hand computation, independent of the
-    report's continued fraction."""
-    h = t / steps
-    inner = sum((4 if i % 2 else 2) * _t_pdf(i * h, df) for i in range(1, steps))
-    return h / 3 * (_t_pdf(0, df) + inner + _t_pdf(t, df))
-
-
 def test_groups_and_welch_interval_match_the_runs_files_and_a_hand_computation(report, runs_root):
     result, out = report
     by_name = summaries(runs_root)
@@ -338,8 +324,8 @@ def test_groups_and_welch_interval_match_the_runs_files_and_a_hand_computation(r
     assert w["df"] == pytest.approx(df, rel=1e-12) and w["t"] == pytest.approx(diff / se, rel=1e-12)
     q = (w["high"] - w["low"]) / 2 / se  # the t quantile the interval used: 95 % of the mass within ±q
     assert w["low"] + q * se == pytest.approx(diff, rel=1e-9)
-    assert _t_mass(q, df) == pytest.approx(0.475, abs=1e-6)
-    assert w["p"] == pytest.approx(1 - 2 * _t_mass(abs(diff / se), df), abs=1e-6)
+    assert t_mass(q, df) == pytest.approx(0.475, abs=1e-6)
+    assert w["p"] == pytest.approx(1 - 2 * t_mass(abs(diff / se), df), abs=1e-6)
 
     md = (out / "report.md").read_text()
     verdict = "yes" if w["p"] < 0.05 else "no"

@@ -9,6 +9,19 @@ import pytest
 from resnet_scale.tracking.stats import betainc, mean_std, t_cdf, t_ppf, t_sf2, welch
 
 
+def _t_pdf(x, df):
+    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
+        * (1 + x * x / df) ** (-(df + 1) / 2)
+
+
+def t_mass(t, df, steps=20000):
+    """P(0 <= T <= t) by Simpson's rule on the density: a hand computation, independent of the
+    report's continued fraction."""
+    h = t / steps
+    inner = sum((4 if i % 2 else 2) * _t_pdf(i * h, df) for i in range(1, steps))
+    return h / 3 * (_t_pdf(0, df) + inner + _t_pdf(t, df))
+
+
 @pytest.mark.parametrize("t, df, p", [
     (2.0, 5, 0.101939),     # two-sided p of t=2 at 5 degrees of freedom
     (2.776, 4, 0.0500),     # the 95 % critical value at df=4
@@ -33,6 +46,7 @@ def test_t_closed_forms_and_quantile_round_trip():
     assert t_ppf(0.975, 4) == pytest.approx(2.776445, abs=1e-6)
     # I_x(2, 3) = 1 - (1-x)^4 - 4x(1-x)^3 (binomial tail), at x = 0.4: 0.5248
     assert betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-12)
+    assert t_cdf(1.5, 3.5) - 0.5 == pytest.approx(t_mass(1.5, 3.5), abs=1e-9)  # the density, integrated
     with pytest.raises(ValueError, match="x must be in"):
         betainc(1, 1, 1.5)
 
