@@ -19,9 +19,10 @@ from resnet_scale.tracking.tables import format_spread, format_value
 from resnet_scale.tracking.trackers import TrackingError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_report_stats import t_mass  # noqa: E402
 from test_train_e2e import FORK, REPO, run_cli  # noqa: E402
 
-BLOCKS, SEEDS = ("plain", "basic"), (0, 1)
+BLOCKS, SEEDS = ("plain", "basic"), (0, 1, 2)
 RUN_KEYS = ("final_accuracy", "best_accuracy", "final_test_loss", "wall_time_s", "images_per_s",
             "peak_memory_bytes", "num_parameters", "weighted_layers", "epochs")
 GROUP_KEYS = ("final_accuracy", "best_accuracy", "wall_time_s", "images_per_s", "num_parameters", "weighted_layers")
@@ -95,14 +96,15 @@ def test_report_has_every_run_and_pictures_with_data(report, runs_root):
         assert int((image.min(axis=-1) < 0.85).sum()) > 5000, name  # axes, text: not a blank picture
         # The data itself: enough pixels in each group's colour (lines or bars).
         drawn = [int((np.abs(image - np.array(c)).max(axis=-1) < 0.08).sum()) for c in colours]
-        if name == "peak_memory":
-            assert max(drawn) < 300, drawn  # CPU: the legend's patches only, "n/a (CPU)" instead of bars
-        else:
-            assert min(drawn) > 500, (name, drawn)  # a legend entry alone is ~100-250 pixels
-        if "lines" in plot:  # every run is a line with at least one point per epoch
+        assert min(drawn) > 500, (name, drawn)  # a legend entry alone is ~100-250 pixels
+        if "lines" in plot:  # every run adds at least one point per epoch to its group's curve
             assert set(plot["lines"]) == {r["name"] for r in result["runs"]}
             assert min(plot["lines"].values()) >= 2, plot
-    assert all(v is None for v in result["plots"]["peak_memory"]["bars"].values())  # CPU
+        for fmt in ("svg", "pdf"):  # beside the PNG, for papers
+            assert (out / plot["files"][fmt]).read_bytes()[:5] == (b"%PDF-" if fmt == "pdf" else b"<?xml"), name
+    # CPU: no run measured peak memory, so its chart is left out and the report says why
+    assert "peak_memory" not in result["plots"] and not (out / "peak_memory.png").exists()
+    assert any(n.startswith("Peak GPU memory: left out") for n in result["plot_notes"])
     assert all(v > 0 for v in result["plots"]["images_per_s"]["bars"].values())
 
     md = (out / "report.md").read_text()
@@ -110,7 +112,8 @@ def test_report_has_every_run_and_pictures_with_data(report, runs_root):
     for plot in result["plots"].values():
         assert f"]({plot['file']})" in md
     page = (out / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == len(result["plots"]) == 6
+    assert page.count('src="data:image/png;base64,') == len(result["plots"]) == 5
+    assert "Peak GPU memory: left out" in md and "Peak GPU memory: left out" in page
     assert "src=\"http" not in page and "<script" not in page  # self-contained
     assert json.loads((out / "report.json").read_text())["group_by"] == "block"
 
@@ -136,7 +139,7 @@ def test_tables_hold_the_numbers_of_each_summary_json(report, runs_root):
     assert [row[0] for row in groups[1:]] == ["plain", "basic"]
     for row in groups[1:]:
         members = [s for name, s in by_name.items() if name.startswith(row[0] + "-")]
-        assert row[1] == "2"
+        assert row[1] == str(len(SEEDS))
         for key, cell in zip(GROUP_KEYS, row[2:]):
             values = [m[key] for m in members]
             mean, _, std = cell.partition(" ± ")
@@ -146,9 +149,9 @@ def test_tables_hold_the_numbers_of_each_summary_json(report, runs_root):
                 assert std == f"{100 * statistics.stdev(values):.2f} pp"
 
     diff = parser.tables["differences"]
-    assert diff[1][:2] == ["basic", "plain"]
+    assert diff[1][:3] == ["basic", "plain", "final accuracy"]
     mean = {b: statistics.fmean(s["final_accuracy"] for n, s in by_name.items() if n.startswith(b)) for b in BLOCKS}
-    assert diff[1][2] == f"{100 * (mean['basic'] - mean['plain']):+.2f} pp"
+    assert diff[1][3] == f"{100 * (mean['basic'] - mean['plain']):+.2f} pp"
 
 
 def test_group_by_dotted_resolved_and_single_group(runs_root, tmp_path):
@@ -189,7 +192,7 @@ def test_cli_report_and_offline_wandb_report_explains_instead_of_failing(runs_ro
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert main([str(runs_root), "--out", str(tmp_path / "rep"), "--wandb-report", "--wandb-project", "p"]) == 0
     captured = capsys.readouterr()
-    assert "report of 4 runs by block" in captured.out and (tmp_path / "rep" / "report.html").is_file()
+    assert "report of 6 runs by block" in captured.out and (tmp_path / "rep" / "report.html").is_file()
     assert "W&B report not published" in captured.err and "WANDB_API_KEY" in captured.err
     assert "wandb sync" in captured.err
 
@@ -214,7 +217,7 @@ def test_wandb_report_object_has_the_panels_and_filters(runs_root, monkeypatch, 
     assert {tuple(p.metrics) for p in grid.panels if isinstance(p, wr.BarPlot)} == {("images_per_s",),
                                                                                     ("peak_memory_bytes",)}
     tables = [b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock)]
-    assert any("| plain | 2 |" in t and "| basic | 2 |" in t and "±" in t for t in tables)
+    assert any("| plain | 3 |" in t and "| basic | 3 |" in t and "±" in t for t in tables)
 
     by_name = build_wandb_report([runs_root / "plain-s0", runs_root / "basic-s0"], project="p")
     filters = str(next(b for b in by_name.blocks if isinstance(b, wr.PanelGrid)).runsets[0].filters)
@@ -237,17 +240,26 @@ def _recipe(name, tmp_path, **env):
     ("basic_vs_bottleneck_r50.sh", "r50-basic-vs-bottleneck", ("basic", "bottleneck"), "50"),
 ])
 def test_recipes_train_each_block_and_seed_alike_then_report(recipe, group, blocks, depth, tmp_path):
-    out = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0 1")
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # CIFAR-10 is there: the default
+    (tmp_path / "empty").mkdir()
+    out = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0 1", DATA_DIR=str(tmp_path / "data"))
     assert out.returncode == 0, out.stderr
     commands = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("+ ")]
     train, report = commands[:-1], commands[-1]
     assert [(c[c.index("--block") + 1], c[c.index("--seed") + 1]) for c in train] == \
         [(b, s) for s in ("0", "1") for b in blocks]
     for c in train:  # CIFAR-10, 100 epochs, equal batch size and learning rate for every run
-        for flag, value in (("--data", "cifar10"), ("--depth", depth), ("--batch-size", "128"), ("--lr", "0.1"),
-                            ("--epochs", "100"), ("--tracker", "wandb"), ("--output-dir", str(tmp_path / "runs"))):
+        for flag, value in (("--data", "cifar10"), ("--data-dir", str(tmp_path / "data")), ("--depth", depth),
+                            ("--batch-size", "128"), ("--lr", "0.1"), ("--epochs", "100"), ("--tracker", "wandb"),
+                            ("--output-dir", str(tmp_path / "runs"))):
             assert c[c.index(flag) + 1] == value, (flag, c)
         assert c[c.index("--run-group") + 1] == group
+    # no CIFAR-10 in DATA_DIR nor the Hugging Face cache: digits (offline), 5 epochs
+    offline = _recipe(recipe, tmp_path, DRY_RUN="1", SEEDS="0", DATA_DIR=str(tmp_path / "empty"),
+                      HF_DATASETS_CACHE=str(tmp_path / "empty"))
+    assert offline.returncode == 0 and "digits instead" in offline.stdout, offline.stderr
+    for c in [line[2:].split() for line in offline.stdout.splitlines() if line.startswith("+ ")][:-1]:
+        assert c[c.index("--data") + 1] == "digits" and c[c.index("--epochs") + 1] == "5" and "--data-dir" not in c
     assert report[:3] == ["resnet-scale", "report", str(tmp_path / "runs")]
     assert report[report.index("--group-by") + 1] == "block" and report[report.index("--baseline") + 1] == blocks[0]
 
@@ -286,3 +298,95 @@ def test_digits_recipe_runs_end_to_end_offline(recipe, groups, tmp_path):
     assert (tmp_path / "reports" / "report.html").is_file()
     result = json.loads((tmp_path / "reports" / "report.json").read_text())
     assert [g["group"] for g in result["groups"]] == groups  # the recipe's baseline first
+
+
+def test_groups_and_welch_interval_match_the_runs_files_and_a_hand_computation(report, runs_root):
+    result, out = report
+    by_name = summaries(runs_root)
+    members = {b: [s for n, s in by_name.items() if n.startswith(b + "-")] for b in BLOCKS}
+    for group in result["groups"]:  # report.json: mean, sample std (ddof=1) and n from each summary.json
+        for key, s in group["stats"].items():
+            values = [m[key] for m in members[group["group"]] if m[key] is not None]
+            assert s["n"] == len(values) == (len(SEEDS) if key != "peak_memory_bytes" else 0), key
+            if values:
+                assert s["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12), key
+                assert s["std"] == pytest.approx(statistics.stdev(values), rel=1e-12), key
+
+    # Welch by hand for final accuracy, basic - plain
+    a = [m["final_accuracy"] for m in members["basic"]]
+    b = [m["final_accuracy"] for m in members["plain"]]
+    v1, v2 = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = (v1 + v2) ** 0.5
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (len(a) - 1) + v2 ** 2 / (len(b) - 1))
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    w = result["differences"][0]["compared"]["final_accuracy"]
+    assert w["note"] is None and w["diff"] == pytest.approx(diff, rel=1e-12)
+    assert w["df"] == pytest.approx(df, rel=1e-12) and w["t"] == pytest.approx(diff / se, rel=1e-12)
+    q = (w["high"] - w["low"]) / 2 / se  # the t quantile the interval used: 95 % of the mass within ±q
+    assert w["low"] + q * se == pytest.approx(diff, rel=1e-9)
+    assert t_mass(q, df) == pytest.approx(0.475, abs=1e-6)
+    assert w["p"] == pytest.approx(1 - 2 * t_mass(abs(diff / se), df), abs=1e-6)
+
+    md = (out / "report.md").read_text()
+    verdict = "yes" if w["p"] < 0.05 else "no"
+    row = next(r for r in result["tables"]["differences"] if r[2] == "final accuracy")
+    assert row[4] == f"[{100 * w['low']:+.2f} pp, {100 * w['high']:+.2f} pp]" and row[6] == verdict
+    sig_line = next(line for line in md.splitlines() if line.startswith("block=basic vs plain: significant at 0.05:"))
+    assert ("final accuracy (" in sig_line.split("Not significant")[0]) == (w["p"] < 0.05)
+
+    # the same tables as CSV and LaTeX
+    import csv
+
+    for key, rows in result["tables"].items():
+        assert list(csv.reader((out / f"table_{key}.csv").open())) == rows, key
+        tex = (out / f"table_{key}.tex").read_text()
+        assert "\\begin{tabular}{l" in tex and "\\end{tabular}" in tex
+        assert tex.count("\\\\\n") == len(rows), key  # one LaTeX row per table row
+        if key == "groups":  # LaTeX's own symbols, not raw unicode
+            assert "±" not in tex and "$\\pm$" in tex
+
+
+def test_too_few_runs_to_tell_and_the_steps_each_group_ran(runs_root, tmp_path):
+    """A 4th basic run stopped by --max-steps: its own group of one (labelled by the setting that
+    differs), no interval or p-value, and the steps and epochs each group really ran."""
+    proc = run_cli("--data", "digits", "--block", "basic", "--depth", "8", "--image-size", "8", "--batch-size",
+                   "128", "--lr", "0.1", "--epochs", "2", "--max-steps", "5", "--seed", "0", "--device", "cpu",
+                   "--output-dir", tmp_path / "runs", "--run-name", "short", "--tracker", "none", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    basic = [runs_root / f"basic-s{s}" for s in SEEDS]
+    result = build_report([*basic, tmp_path / "runs" / "short"], tmp_path / "rep")
+    assert result["group_by"] == "max_steps"
+    assert {g["group"]: len(g["runs"]) for g in result["groups"]} == {"max_steps=None": 3, "max_steps=5": 1}
+    (d,) = result["differences"]
+    for w in d["compared"].values():
+        assert w["p"] is None and w["low"] is None and w["note"].startswith("n too small to tell (n=1 vs 3")
+    assert all(row[5] == "n/a" and row[6] == "cannot tell" for row in result["tables"]["differences"][1:])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Too few runs to tell: final accuracy (n too small to tell" in md
+
+    short = json.loads((tmp_path / "runs" / "short" / "summary.json").read_text())
+    full = {json.loads((p / "summary.json").read_text())["steps"] for p in basic}
+    assert short["steps"] == 5 and len(full) == 1 and full != {5}
+    epochs = {p.name: max(json.loads(line)["epoch"] for line in (p / "metrics.jsonl").read_text().splitlines())
+              for p in [*basic, tmp_path / "runs" / "short"]}
+    assert result["ran"] == [f"max_steps=None: {full.pop()} steps, {epochs['basic-s0']:g} epochs",
+                             f"max_steps=5: 5 steps, {round(epochs['short'], 2):g} epochs"]
+    assert not any(s.startswith("train.epochs") for s in result["shared"])  # configured, not run
+    assert "Steps and epochs each group ran: `max_steps=None: " in md
+
+
+def test_per_seed_lines_on_request(report, runs_root, tmp_path):
+    result, _ = report
+    per_seed = build_report([runs_root], tmp_path / "rep", per_seed=True)
+    for stem in ("test_accuracy_vs_epoch", "train_loss_vs_time"):  # a line per run beside the group means
+        assert sorted(per_seed["plots"][stem]["seed_lines"]) == sorted(f"{b}-s{s}" for b in BLOCKS for s in SEEDS)
+        assert result["plots"][stem]["seed_lines"] == []
+        drawn = [(folder / f"{stem}.svg").read_text() for folder in (tmp_path / "rep", Path(result["files"]["markdown"]).parent)]
+        assert sorted(line.split('"')[0] for line in drawn[0].split('<g id="run-')[1:]) == \
+            sorted(f"{b}-s{s}" for b in BLOCKS for s in SEEDS), stem  # in the picture itself
+        assert '<g id="run-' not in drawn[1], stem
+    curve = per_seed["plots"]["test_accuracy_vs_epoch"]["groups"]["plain"]
+    runs = [load_run(runs_root / f"plain-s{s}") for s in SEEDS]
+    first = [run.split("test")[0]["accuracy"] for run in runs]
+    assert curve["mean"][0] == pytest.approx(statistics.fmean(first)) and curve["n"][0] == len(SEEDS)
+    assert curve["std"][0] == pytest.approx(statistics.stdev(first))

@@ -6,7 +6,10 @@
 #
 #   --seeds "0 1 2"   SEEDS        seeds, one run per block each (default "0 1 2")
 #   --epochs N        EPOCHS       epochs per run (default: the recipe's)
-#   --data NAME       DATA         dataset (default cifar10; digits runs offline on a CPU)
+#   --data NAME       DATA         dataset (default auto: cifar10 when DATA_DIR holds it, or the
+#                                  Hugging Face cache does; else digits, offline, 5 epochs by default)
+#   --data-dir DIR    DATA_DIR     where CIFAR-10 is looked for (default data/): cifar-10-batches-py/
+#                                  or cifar10/ (a saved DatasetDict); passed on as --data-dir
 #   --extra "FLAGS"   EXTRA        more `resnet-scale train` flags, the same for every run and
 #                                  given last, so they win (e.g. "--low-memory", "--layers 1,1,1")
 #   --runs-dir DIR    RUNS_DIR     where the runs go (default runs/<recipe>)
@@ -21,8 +24,10 @@
 # A run whose folder already holds summary.json is skipped, so an interrupted recipe resumes.
 
 SEEDS="${SEEDS:-0 1 2}"
-EPOCHS="${EPOCHS:-$DEFAULT_EPOCHS}"
-DATA="${DATA:-cifar10}"
+EPOCHS="${EPOCHS:-}"
+DATA="${DATA:-auto}"
+DATA_DIR="${DATA_DIR:-data}"
+DIGITS_EPOCHS=5
 EXTRA="${EXTRA:-}"
 RUNS_DIR="${RUNS_DIR:-runs/$RECIPE}"
 REPORTS_DIR="${REPORTS_DIR:-reports/$RECIPE}"
@@ -38,6 +43,7 @@ while [[ $# -gt 0 ]]; do
         --seeds) SEEDS="$2"; shift 2 ;;
         --epochs) EPOCHS="$2"; shift 2 ;;
         --data) DATA="$2"; shift 2 ;;
+        --data-dir) DATA_DIR="$2"; shift 2 ;;
         --extra) EXTRA="$2"; shift 2 ;;
         --runs-dir) RUNS_DIR="$2"; shift 2 ;;
         --reports-dir) REPORTS_DIR="$2"; shift 2 ;;
@@ -47,6 +53,30 @@ while [[ $# -gt 0 ]]; do
         *) echo "$(basename "$0"): unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
+
+data_flags=()
+if [[ -d "$DATA_DIR/cifar-10-batches-py" || -d "$DATA_DIR/cifar10" ]]; then
+    cifar_here="$DATA_DIR"
+elif compgen -G "${HF_DATASETS_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/datasets}/*cifar10*" > /dev/null; then
+    cifar_here="cache"
+else
+    cifar_here=""
+fi
+if [[ "$DATA" == "auto" ]]; then
+    if [[ -n "$cifar_here" ]]; then
+        DATA=cifar10
+    else
+        DATA=digits
+        echo "$RECIPE: no CIFAR-10 in $DATA_DIR/ (cifar-10-batches-py/ or cifar10/) or the Hugging Face cache:" \
+             "digits instead (offline; DATA=cifar10 downloads CIFAR-10)"
+    fi
+fi
+if [[ "$DATA" == "cifar10" && -n "$cifar_here" && "$cifar_here" != "cache" ]]; then
+    data_flags=(--data-dir "$DATA_DIR")
+fi
+if [[ -z "$EPOCHS" ]]; then
+    if [[ "$DATA" == "digits" ]]; then EPOCHS="$DIGITS_EPOCHS"; else EPOCHS="$DEFAULT_EPOCHS"; fi
+fi
 
 if [[ ! "$EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
     echo "$(basename "$0"): EPOCHS must be a positive integer, got '$EPOCHS'" >&2; exit 2
@@ -74,7 +104,7 @@ for seed in $SEEDS; do
             echo "= $name is done ($RUNS_DIR/$name/summary.json); skipping"
             continue
         fi
-        run "${train_cmd[@]}" --data "$DATA" --block "$block" --depth "$DEPTH" \
+        run "${train_cmd[@]}" --data "$DATA" ${data_flags[@]+"${data_flags[@]}"} --block "$block" --depth "$DEPTH" \
             --batch-size "$BATCH" --lr "$LR" --epochs "$EPOCHS" --seed "$seed" \
             --output-dir "$RUNS_DIR" --run-name "$name" \
             --tracker "$TRACKER" "${wandb_flags[@]}" --run-group "$RECIPE" --tags "$RECIPE,$block,seed$seed" \

@@ -20,7 +20,7 @@ from resnet_scale.cli.parser import EXIT_BAD_INPUT, standalone
 from resnet_scale.tracking.report import DEFAULT_TITLE
 
 NAME = "report"
-HELP = "compare run folders: plots and mean +- std tables (report.html, report.md)"
+HELP = "compare run folders over seeds: mean +- std curves, confidence intervals and p-values"
 DESCRIPTION = "Build a comparison report from local run folders (or output folders holding runs)."
 
 
@@ -28,12 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="Run folders, or output folders whose run sub-folders are all compared.")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="Folder for report.html (self-contained), report.md, report.json and the PNG plots.")
-    parser.add_argument("--group-by", default="block", metavar="KEY",
+                        help="Folder for report.html (self-contained), report.md, report.json, the figures (PNG, SVG, "
+                             "PDF) and the tables (CSV, LaTeX).")
+    parser.add_argument("--group-by", default=None, metavar="KEY",
                         help="Config key whose value groups the runs: a field name (block, depth, precision) "
-                             "or a dotted path (model.block). Default: block.")
+                             "or a dotted path (model.block). Default: the whole config less the seed (runs "
+                             "that differ only by seed form one group).")
     parser.add_argument("--baseline", default=None, metavar="VALUE",
                         help="The group the others are compared with (default: the first group found).")
+    parser.add_argument("--per-seed", action="store_true",
+                        help="Also draw each run's own line beside its group's mean ± std curve.")
     parser.add_argument("--title", default=DEFAULT_TITLE, metavar="TEXT",
                         help=f"Report title (default: {DEFAULT_TITLE.replace('%', '%%')}).")
     wb = parser.add_argument_group("W&B report")
@@ -68,7 +72,8 @@ def run(ns: argparse.Namespace) -> int:
     try:
         from resnet_scale.tracking.report import build_report
 
-        result = build_report(ns.run_dirs, ns.out, group_by=ns.group_by, title=ns.title, baseline=ns.baseline)
+        result = build_report(ns.run_dirs, ns.out, group_by=ns.group_by, title=ns.title, baseline=ns.baseline,
+                              per_seed=ns.per_seed)
     except ReportError as err:
         print(f"resnet-scale report: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -79,7 +84,7 @@ def run(ns: argparse.Namespace) -> int:
               f"{err.filename or 'a file'}: {err.strerror or err}.", file=sys.stderr)
         return 1 if written else EXIT_BAD_INPUT
     groups = ", ".join(f"{g['group']} ({len(g['runs'])})" for g in result["groups"])
-    print(f"report of {len(result['runs'])} runs by {ns.group_by}: {groups}")
+    print(f"report of {len(result['runs'])} runs by {result['group_by']}: {groups}")
     print(f"  {result['files']['html']}\n  {result['files']['markdown']}")
     if ns.wandb_report:
         _publish(ns)

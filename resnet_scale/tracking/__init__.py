@@ -10,8 +10,9 @@ reports that compare finished runs from their own folders (``resnet-scale report
   every run's config.
 * ``runs.py`` -- finished runs read back from ``config.json``, ``metrics.jsonl`` and
   ``summary.json``, and grouped by a config key.
-* ``report.py`` (with ``tables.py`` and ``plots.py``) -- ``build_report``: ``report.md``,
-  ``report.html`` and ``report.json`` from the run folders alone.
+* ``report.py`` (with ``tables.py``, ``stats.py``, ``plots.py`` and ``export.py``) --
+  ``build_report``: ``report.md``, ``report.html``, ``report.json``, figures (PNG, SVG, PDF) and
+  tables (CSV, LaTeX) from the run folders alone; groups over seeds with Welch's intervals.
 * ``wandb_report.py`` -- the same comparison as a W&B Report; ``offline.py`` reads an offline
   W&B run without the network.
 

@@ -2,8 +2,9 @@
 tables — pictures first (curves, throughput, memory), then mean ± std per group and the
 difference between groups, then every run.
 
-Writes into ``out``: ``report.md`` (PNG files beside it), ``report.html`` (self-contained: the
-PNGs embedded as base64) and ``report.json`` (the raw numbers). No network, no tracker: only
+Writes into ``out``: ``report.md`` (each figure beside it as PNG, SVG and PDF), ``report.html``
+(self-contained: the PNGs embedded as base64), ``report.json`` (the raw numbers) and each table
+as ``table_<name>.csv`` and ``table_<name>.tex`` (a LaTeX ``tabular``). No network, no tracker: only
 ``config.json``, ``metrics.jsonl`` and ``summary.json`` of each run are read.
 """
 
@@ -16,14 +17,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from resnet_scale.tracking.runs import ReportError, expand_run_dirs, group_runs, load_run
+from resnet_scale.tracking.export import to_csv, to_latex
+from resnet_scale.tracking.runs import ReportError, expand_run_dirs, group_runs, group_title, load_run
 from resnet_scale.tracking.tables import (
     difference_table,
     differences,
+    effective_lines,
     group_stats,
     group_table,
     run_table,
     setup_lines,
+    significance_lines,
 )
 
 log = logging.getLogger("resnet_scale")
@@ -38,12 +42,13 @@ def _order(groups: dict[str, list], baseline: str | None) -> dict[str, list]:
     return {baseline: groups[baseline], **{k: v for k, v in groups.items() if k != baseline}}
 
 
-def build_report(run_dirs: list[Path], out: Path, *, group_by: str = "block", title: str = DEFAULT_TITLE,
-                 baseline: str | None = None) -> dict[str, Any]:
+def build_report(run_dirs: list[Path], out: Path, *, group_by: str | None = None, title: str = DEFAULT_TITLE,
+                 baseline: str | None = None, per_seed: bool = False) -> dict[str, Any]:
     """Build the comparison of ``run_dirs`` (run folders, or output folders holding them) in
-    ``out``, runs grouped by the config key ``group_by`` (``block``, ``depth``, ``model.block``
-    ...). The first group (or ``baseline``) is the one the others are compared with. Returns
-    the numbers and the paths written."""
+    ``out``, runs grouped by their config less the seed (``group_by=None``) or by the config key
+    ``group_by`` (``block``, ``depth``, ``model.block`` ...). The first group (or ``baseline``)
+    is the one the others are compared with. ``per_seed`` draws each run's line beside its
+    group's mean. Returns the numbers and the paths written."""
     from resnet_scale.tracking.plots import build_plots
 
     paths = expand_run_dirs(run_dirs, warn=log.warning)
@@ -53,16 +58,20 @@ def build_report(run_dirs: list[Path], out: Path, *, group_by: str = "block", ti
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ReportError(f"run names must be unique in one report; {', '.join(dup)} appear more than once.")
     groups = _order(group_runs(runs, group_by), baseline)
+    group_by = group_title(runs, group_by)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ReportError(f"--out {out}: cannot create it ({err.strerror}).") from None
 
-    plots = build_plots(groups, group_by, out)
+    plots, plot_notes = build_plots(groups, group_by, out, per_seed=per_seed)
     stats = group_stats(groups, runs)
     diffs = differences(stats, next(iter(groups)))
     shared, differ = setup_lines(runs)
+    ran = effective_lines(groups)
+    if len({line.split(": ", 1)[1] for line in ran}) == 1:  # every group ran the same: one setting
+        shared, ran = [*shared, "ran " + ran[0].split(": ", 1)[1]], []
     tables = {
         "groups": group_table(stats, group_by, runs),
         "differences": difference_table(diffs, group_by),
@@ -77,12 +86,21 @@ def build_report(run_dirs: list[Path], out: Path, *, group_by: str = "block", ti
                  for g, members in groups.items() for r in members],
         "shared": shared,
         "differ": differ,
+        "ran": ran,
+        "significance": significance_lines(diffs, group_by),
         "plots": plots,
+        "plot_notes": plot_notes,
         "tables": tables,
     }
     files = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "report.json"}
     files["markdown"].write_text(render_markdown(result))
     files["html"].write_text(render_html(result, out))
+    titles = _section_titles(result)
+    for key, rows in tables.items():
+        files[f"{key}_csv"] = out / f"table_{key}.csv"
+        files[f"{key}_csv"].write_text(to_csv(rows))
+        files[f"{key}_tex"] = out / f"table_{key}.tex"
+        files[f"{key}_tex"].write_text(to_latex(rows, caption=titles[key]))
     result["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
@@ -93,15 +111,28 @@ def _intro(result: dict[str, Any]) -> list[str]:
     lines = [f"{len(result['runs'])} runs grouped by `{result['group_by']}`: {groups}."]
     if result["shared"]:
         lines.append("Shared by every run: " + ", ".join(f"`{s}`" for s in result["shared"]) + ".")
+    if result["ran"]:
+        lines.append("Steps and epochs each group ran: " + "; ".join(f"`{r}`" for r in result["ran"]) + ".")
     if result["differ"]:
         lines.append("Differs between runs: " + ", ".join(f"`{d}`" for d in result["differ"]) + ".")
     return lines
 
 
+def _conclusions(result: dict[str, Any]) -> list[str]:
+    """What the difference table says, in words (empty with one group)."""
+    if not result["differences"]:
+        return []
+    method = ("Differences are Welch's: the 95 % confidence interval of the difference of means "
+              "(t quantile at the Welch–Satterthwaite degrees of freedom) and the two-sided p-value "
+              "of Welch's t-test; with fewer than 2 runs in a group (or no spread in either), the "
+              "report cannot tell and gives neither.")
+    return [method, *result["significance"]]
+
+
 def _section_titles(result: dict[str, Any]) -> dict[str, str]:
     first = result["groups"][0]["group"]
     return {
-        "groups": f"Summary by {result['group_by']} (mean ± std over runs)",
+        "groups": f"Summary by {result['group_by']} (mean ± sample std over runs; n runs)",
         "differences": f"Difference from {result['group_by']}={first}",
         "runs": "Every run (numbers from its summary.json)",
     }
@@ -116,12 +147,17 @@ def _md_table(rows: list[list[str]]) -> list[str]:
 def render_markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['title']}", "", *_intro(result), "", "## Figures", ""]
     for plot in result["plots"].values():
-        lines += [f"![{plot['title']}]({plot['file']})", ""]
+        other = ", ".join(f"[{fmt.upper()}]({name})" for fmt, name in plot["files"].items() if fmt != "png")
+        lines += [f"![{plot['title']}]({plot['file']})", "", f"{plot['title']}: {other}.", ""]
+    lines += [f"- {note}" for note in result["plot_notes"]] + ([""] if result["plot_notes"] else [])
     titles = _section_titles(result)
     for key in ("groups", "differences", "runs"):
         if key == "differences" and len(result["tables"][key]) == 1:
             continue  # one group: nothing to compare with
         lines += [f"## {titles[key]}", "", *_md_table(result["tables"][key]), ""]
+        if key == "differences":
+            lines += [*(f"{line}\n" for line in _conclusions(result))]
+    lines += ["Tables as CSV and LaTeX: " + ", ".join(f"`table_{k}.csv`/`.tex`" for k in result["tables"]) + ".", ""]
     return "\n".join(lines)
 
 
@@ -155,10 +191,13 @@ def render_html(result: dict[str, Any], folder: Path) -> str:
              f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(result['title'])}</h1>"]
     parts += [f"<p>{_md_inline(line)}</p>" for line in _intro(result)]
     parts += ["<h2>Figures</h2>", f'<div class="figs">{"".join(figs)}</div>']
+    parts += [f"<p>{html.escape(note)}</p>" for note in result["plot_notes"]]
     titles = _section_titles(result)
     for key in ("groups", "differences", "runs"):
         if key == "differences" and len(result["tables"][key]) == 1:
             continue
         parts += [f"<h2>{html.escape(titles[key])}</h2>", _html_table(result["tables"][key], key)]
+        if key == "differences":
+            parts += [f"<p>{html.escape(line)}</p>" for line in _conclusions(result)]
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -185,11 +185,43 @@ def group_label(value: Any) -> str:
     return str(value)
 
 
-def group_runs(runs: list[Run], key: str) -> dict[str, list[Run]]:
-    """Runs by the value of ``key``, groups in the order they first appear."""
+#: Config fields that name, place or log a run rather than define its experiment: never a
+#: reason to put two runs in different groups (the seed above all: groups are over seeds).
+RUN_SPECIFIC = frozenset({"seed", "run_name", "output_dir", "tags", "resume", "tracker", "wandb_project",
+                          "wandb_entity", "run_group", "log_every", "checkpoint_every", "keep_checkpoints",
+                          "num_workers", "download", "data_dir"})
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """The dotted config keys (``model.block``) whose values differ between runs, less the seed
+    and the other run-specific fields: what defines the groups by default."""
+    keys = sorted({(s, k) for r in runs for s, d in r.config.items() if isinstance(d, dict) for k in d})
+    return [f"{s}.{k}" for s, k in keys if k not in RUN_SPECIFIC
+            and len({repr(r.config.get(s, {}).get(k)) for r in runs}) > 1]
+
+
+def group_title(runs: list[Run], key: str | None) -> str:
+    """What the groups are by: ``key``, or (``None``) the short names of the varying keys."""
+    if key is not None:
+        return key
+    return ", ".join(k.split(".")[-1] for k in varying_keys(runs)) or "all runs"
+
+
+def group_runs(runs: list[Run], key: str | None) -> dict[str, list[Run]]:
+    """Runs by the value of ``key``, groups in the order they first appear. ``None``: by the whole
+    config less the seed (and other run-specific fields), each group labelled by the settings that
+    differ between groups only (``basic``; ``max_steps=5`` for a value that is not a name;
+    ``block=basic depth=50`` when several settings differ)."""
+    keys = [key] if key is not None else varying_keys(runs)
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(group_label(config_value(run, key)), []).append(run)
+        if not keys:
+            label = "all"
+        elif len(keys) == 1 and (key is not None or isinstance(config_value(run, keys[0]), str)):
+            label = group_label(config_value(run, keys[0]))
+        else:
+            label = " ".join(f"{k.split('.')[-1]}={group_label(config_value(run, k))}" for k in keys)
+        groups.setdefault(label, []).append(run)
     return groups
 
 

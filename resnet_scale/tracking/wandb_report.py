@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from resnet_scale.tracking.report import DEFAULT_TITLE, _md_table
-from resnet_scale.tracking.runs import ReportError, Run, config_value, expand_run_dirs, group_runs, load_run
+from resnet_scale.tracking.runs import (
+    ReportError,
+    Run,
+    config_value,
+    expand_run_dirs,
+    group_runs,
+    group_title,
+    load_run,
+    varying_keys,
+)
 from resnet_scale.tracking.tables import difference_table, differences, group_stats, group_table
 from resnet_scale.tracking.trackers import TrackingError, has_wandb_credentials, wandb_server_reachable
 
@@ -60,7 +69,7 @@ def runs_group(runs: list[Run]) -> str | None:
 
 
 def build_wandb_report(run_dirs: list[Path], *, project: str, entity: str | None = None,
-                       group: str | None = None, title: str = DEFAULT_TITLE, group_by: str = "block",
+                       group: str | None = None, title: str = DEFAULT_TITLE, group_by: str | None = None,
                        baseline: str | None = None):
     """A ``wandb_workspaces.reports.v2.Report`` comparing these runs, built and not saved. Its
     run set is filtered to the W&B ``group`` (default: the runs' shared ``--run-group``), else to
@@ -70,9 +79,9 @@ def build_wandb_report(run_dirs: list[Path], *, project: str, entity: str | None
     group = group or runs_group(runs)
     names = [r.name for r in runs]
     filters = expr.And(expr.Metric("Group") == group if group else expr.Metric("Name").isin(names))
-    config_key = wandb_config_path(runs[0], group_by)
+    config_keys = [wandb_config_path(runs[0], group_by)] if group_by else varying_keys(runs)
     runset = wr.Runset(entity=entity or "", project=project, name=group or "runs", filters=filters,
-                       groupby=[f"config.{config_key}"], pinned_columns=list(TABLE_COLUMNS))
+                       groupby=[f"config.{k}" for k in config_keys], pinned_columns=list(TABLE_COLUMNS))
     panels: list[Any] = []
     for i, (panel_title, y, x) in enumerate(LINE_PANELS):
         panels.append(wr.LinePlot(title=panel_title, x=x, y=[y], title_x=x, title_y=y,
@@ -83,6 +92,7 @@ def build_wandb_report(run_dirs: list[Path], *, project: str, entity: str | None
     panels.append(wr.RunComparer(diff_only="split", layout=wr.Layout(x=0, y=24, w=24, h=10)))
 
     groups = group_runs(runs, group_by)
+    group_by = group_title(runs, group_by)
     if baseline in groups:
         groups = {baseline: groups[baseline], **{k: v for k, v in groups.items() if k != baseline}}
     stats = group_stats(groups, runs)
