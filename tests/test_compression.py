@@ -195,3 +195,43 @@ def test_torchvision_resnet18_trains():
     before = model.fc.weight.clone()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert not torch.equal(model.fc.weight, before)
+
+
+def test_the_memory_settings_apply_it_after_checkpointing_and_refuse_what_cannot_work():
+    from resnet_scale.config import Config, ConfigError
+    from resnet_scale.memory.settings import apply_memory_transforms, resolve_memory
+
+    cfg = Config()
+    cfg.memory.activation_compression, cfg.memory.checkpointing = "int4", "block"
+    settings = resolve_memory(cfg, world_size=1, device_type="cpu")
+    assert settings.activation_compression == "int4" and "activations saved as int4" in settings.describe()
+    base = tiny_resnet()
+    model = apply_memory_transforms(copy.deepcopy(base), settings)
+    assert applied_compression(model)["mode"] == "int4" and list(model.state_dict()) == list(base.state_dict())
+    for flag, message in (("offload_activations", "--offload-activations"), ("compile", "--compile")):
+        bad = Config()
+        bad.memory.activation_compression = "int8"
+        setattr(bad.memory, flag, True)
+        with pytest.raises(ConfigError, match=f"--activation-compression int8 .*{message}"):
+            resolve_memory(bad, world_size=1, device_type="cpu")
+
+
+@pytest.mark.e2e
+def test_a_training_run_with_activation_compression(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_e2e import read_jsonl, run_cli
+
+    args = ("--data", "synthetic", "--layers", "1,1,1", "--block", "basic", "--image-size", "8",
+            "--synthetic-train-samples", "32", "--synthetic-test-samples", "16", "--max-steps", "2",
+            "--batch-size", "16", "--log-every", "1", "--output-dir", tmp_path)
+    out = run_cli(*args, "--run-name", "int2", "--activation-compression", "int2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "int2" / "config.json").read_text())
+    assert saved["memory"]["activation_compression"] == "int2"
+    assert saved["config"]["memory"]["activation_compression"] == "int2"
+    train = [r for r in read_jsonl(tmp_path / "int2" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
