@@ -49,7 +49,8 @@ Design decisions
 ``measure_saved_activation_bytes`` counts what a compressed model really stores (codes, ranges,
 masks and the tensors kept as they are) through the ``observer`` of :func:`applied_compression`.
 
-Not done yet: the CLI switch, the planner, exact parts other than ReLU masks (max-pool indices are
+``--activation-compression`` (``MemorySettings.activation_compression``) applies it through
+``apply_memory_transforms``. Not done yet: the planner, exact parts other than ReLU masks (max-pool indices are
 kept as saved, its input is quantized), and a GPU kernel (the quantization is plain torch ops).
 """
 
