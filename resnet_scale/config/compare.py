@@ -37,7 +37,8 @@ FREE = frozenset({
     "train.device", "train.deterministic", "memory.precision", "memory.channels_last", "memory.checkpointing",
     "memory.checkpoint_impl", "memory.micro_batch_size", "memory.grad_accum_steps", "memory.offload_activations",
     "memory.oom_recovery", "memory.low_memory", "memory.max_memory",
-    # (not memory.compile: compiled epochs leave out their partial last batch, so they train other batches)
+    # (not memory.compile: compiled epochs leave out their partial last batch, so they train other batches;
+    # not memory.activation_compression: quantized saved activations give other gradients)
     # how the same images are read
     "data.download", "data.in_memory", "data.in_memory_limit_gib", "data.num_workers",
 })

@@ -162,6 +162,8 @@ class MemoryConfig:
     offload_activations: bool = _f(
         False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
     )
+    activation_compression: Literal["none", "int8", "int4", "int2"] = _f(
+        "none", "Store activations saved for backward in 8/4/2 bits (unbiased rounding, exact ReLU masks).")
     compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator) with one static "
                               "batch shape: each epoch leaves out its partial last batch; evaluation runs eagerly.")
     oom_recovery: bool = _f(

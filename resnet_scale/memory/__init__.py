@@ -17,6 +17,10 @@ of them).
 * ``settings.py`` -- ``resolve_memory(cfg, ...)`` turns the memory flags (``--low-memory`` and the
   explicit ones) into one ``MemorySettings``; ``apply_memory_transforms(model, settings)`` applies
   the transforms in their one valid order; ``activation_offload`` keeps saved activations on the CPU.
+* ``compression.py`` -- ``apply_activation_compression(model, mode)`` (``none``, ``int8``, ``int4``,
+  ``int2``): the tensors a training forward saves for backward are stored quantized (per-group
+  ranges, stochastic rounding, bit-packed; ReLU outputs with an exact 1-bit mask) and restored in
+  the backward pass.
 * ``offload.py`` -- ``OffloadActivations``: the saved-tensor hooks behind ``activation_offload``
   (pinned host copies that keep the memory format, made on a side CUDA stream).
 
@@ -32,15 +36,19 @@ from .checkpointing import (
     parse_policy,
     segments,
 )
+from .compression import COMPRESSION_MODES, applied_compression, apply_activation_compression
 from .layout import apply_channels_last
 from .measure import count_step_flops, measure_saved_activation_bytes, measure_segment_peak_bytes
 
 __all__ = [
     "CHECKPOINT_IMPLS",
     "CHECKPOINT_POLICIES",
+    "COMPRESSION_MODES",
     "apply_activation_checkpointing",
+    "apply_activation_compression",
     "apply_channels_last",
     "applied_checkpointing",
+    "applied_compression",
     "count_step_flops",
     "measure_saved_activation_bytes",
     "measure_segment_peak_bytes",

@@ -28,6 +28,9 @@ input returns its saved mean/inverse std in that dtype, while the CPU and CUDA k
 in fp32; a small dispatch mode restores fp32, so the meta figure equals a real CPU run's to the
 byte (tests/test_memory_cost.py).
 
+With activation compression applied (``compression.py``), the figure is what the compressed
+model stores: codes, per-group ranges, ReLU masks and the tensors it keeps as they are.
+
 With activation checkpointing applied, the figure is what is stored *outside* recomputation:
 each checkpointed segment's saved input (non-reentrant ``checkpoint`` saves it through the same
 hooks) plus the stem and head. During the backward pass one segment at a time is recomputed;
@@ -58,6 +61,7 @@ from .checkpointing import (
     applied_checkpointing,
     segments,
 )
+from .compression import _remove_activation_compression, applied_compression
 
 __all__ = [
     "SavedStorages",
@@ -233,6 +237,9 @@ def measure_saved_activation_bytes(
         x,
     ):
         saved = SavedStorages(work)
+        compressed = applied_compression(work)
+        if compressed is not None:  # its hooks hide the saved tensors: it reports what it stores
+            compressed["observer"] = saved.pack
         with saved.hooks():
             work(x)
         return saved.total(saved.storages)
@@ -263,6 +270,7 @@ def measure_segment_peak_bytes(
     with run_context(
         model, batch_size, image_size, dtype, channels_last, device, None, strip_checkpointing=True
     ) as (work, x):
+        _remove_activation_compression(work)  # a recomputed segment saves uncompressed tensors
         saved = SavedStorages(work)
         handles = []
         modules = dict(work.named_modules())

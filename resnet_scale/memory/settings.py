@@ -36,6 +36,7 @@ class MemorySettings:
     accumulation_steps: int  # micro-batches per optimizer step
     offload_activations: bool
     compile: bool
+    activation_compression: str = "none"  # a mode of resnet_scale.memory.COMPRESSION_MODES
 
     @property
     def mixed_precision(self) -> str:
@@ -52,6 +53,8 @@ class MemorySettings:
         if self.checkpointing != "none":
             parts.append(f"checkpointing={self.checkpointing}({self.checkpoint_impl})")
         parts.append(f"micro-batch {self.micro_batch_size} x {self.accumulation_steps} = {self.per_device_batch}/device")
+        if self.activation_compression != "none":
+            parts.append(f"activations saved as {self.activation_compression}")
         if self.offload_activations:
             parts.append("activations offloaded to CPU")
         if self.compile:
@@ -115,6 +118,13 @@ def resolve_memory(cfg: Config, *, world_size: int, device_type: str) -> MemoryS
         )
     if m.checkpoint_impl == "fairscale" and policy == "none":
         raise ConfigError("--checkpoint-impl fairscale needs an --activation-checkpointing policy other than none.")
+    compression = m.activation_compression
+    if compression != "none" and m.offload_activations:
+        raise ConfigError(f"--activation-compression {compression} and --offload-activations both keep the saved "
+                          "activations (the compressed ones would not be offloaded); give one of them.")
+    if compression != "none" and m.compile:
+        raise ConfigError(f"--activation-compression {compression} does not work with --compile yet "
+                          "(its saved-tensor hooks are not traced); give one of them.")
     return MemorySettings(
         precision=precision,
         channels_last=m.channels_last if m.channels_last is not None else low,
@@ -125,6 +135,7 @@ def resolve_memory(cfg: Config, *, world_size: int, device_type: str) -> MemoryS
         accumulation_steps=per_device // micro,
         offload_activations=m.offload_activations,
         compile=m.compile,
+        activation_compression=compression,
     )
 
 
@@ -134,7 +145,9 @@ def apply_memory_transforms(model: nn.Module, settings: MemorySettings) -> nn.Mo
     1. channels_last first: it converts parameters in place; every later wrapper sees NHWC weights.
     2. activation checkpointing next: it patches stage ``forward``s of the real modules, which
        ``torch.compile`` must trace (compiling first would hide the stages from it).
-    3. ``torch.compile`` last of the model transforms; ``accelerator.prepare`` (DDP, autocast)
+    3. activation compression after checkpointing: it wraps the model's own ``forward`` (the stages'
+       are checkpointing's), so the checkpointed segments' saved inputs are stored compressed.
+    4. ``torch.compile`` last of the model transforms; ``accelerator.prepare`` (DDP, autocast)
        comes after all of them, in the training setup.
     Precision is not a model transform: Accelerate's autocast applies it around ``forward``, and
     the weights and BatchNorm statistics stay fp32.
@@ -152,6 +165,10 @@ def apply_memory_transforms(model: nn.Module, settings: MemorySettings) -> nn.Mo
                                            offload_to_cpu=offload)
         except ImportError as err:
             raise ConfigError(str(err)) from None
+    if settings.activation_compression != "none":
+        from resnet_scale.memory.compression import apply_activation_compression
+
+        apply_activation_compression(model, settings.activation_compression)
     if settings.compile:
         backend = compile_backend()
         logger.info(f"torch.compile ({backend}, static shapes): compiling the model (first steps are slow "

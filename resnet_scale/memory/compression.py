@@ -1,0 +1,313 @@
+"""Activation compression, applied from outside the model: the tensors autograd saves for the
+backward pass are stored quantized and restored (dequantized) when the backward pass needs them
+(ActNN: Chen et al., ICML 2021, "ActNN: Reducing Training Memory Footprint via 2-Bit Activation
+Compressed Training", arXiv:2104.14129).
+
+Modes (:data:`COMPRESSION_MODES`):
+
+* ``none`` -- nothing changes (a no-op that marks nothing).
+* ``int8`` / ``int4`` / ``int2`` -- each compressed tensor is stored as 8, 4 or 2 bits per
+  element (packed 1, 2 or 4 values per byte), plus, per group of :data:`GROUP_SIZE` consecutive
+  elements in memory order, the group's minimum and step as two fp32 numbers (8 bytes per group,
+  0.25 bit per element). A value ``x`` of a group with minimum ``m`` and step ``s`` is stored as
+  ``q = floor((x - m) / s + u)`` with ``u`` uniform in [0, 1) (stochastic rounding), so the
+  restored ``m + q * s`` equals ``x`` in expectation (unbiased). The random numbers come from
+  torch's default generator of the tensor's device (a seeded run is reproducible).
+* **ReLU outputs** (a saved tensor whose ``grad_fn`` is a ReLU/threshold node: the ReLU's own
+  saved result, which is also the next convolution's saved input) additionally store a 1-bit
+  mask of their non-zero elements. Restored, masked-out elements are exactly 0 and the others
+  are at least the dtype's smallest normal number, so the ReLU's backward (``grad * (y > 0)``)
+  is exact; the values the convolution needs are the unbiased ones above (a restored 0 of a
+  positive element becomes ``finfo(dtype).tiny``: 1.2e-38 in fp32/bf16, 6.1e-5 in fp16).
+
+Kept as they are (not compressed): parameters and views or casts of them (autocast's bf16 weight
+copies are found through their autograd history; a *frozen* parameter's cast has none and is
+compressed), non-floating tensors (max-pool indices), tensors under ``min_numel`` elements
+(BatchNorm's saved mean and inverse std), and tensors that are not dense (expanded views).
+
+Design decisions
+----------------
+* **Only the model's own forward, only in training with grad enabled.** ``model.forward`` is
+  replaced on the instance by one that runs the class forward inside a
+  ``torch.autograd.graph.saved_tensors_hooks`` context; ``eval()`` or ``no_grad`` runs the
+  plain forward. The forward's outputs are bit-identical (only what is saved for backward
+  changes); parameter and buffer names, hence state_dict keys, are unchanged. The loss (outside
+  the model) saves its inputs uncompressed.
+* **dtype and memory format are kept.** Quantization works on the tensor's elements in memory
+  order and the restored tensor has the saved tensor's dtype and strides (a channels_last or
+  bf16 activation comes back channels_last, bf16). Arithmetic is in fp32.
+* **A tensor saved twice is stored once** within one forward (an in-place ReLU's result is
+  saved by the ReLU and by the next convolution): packs are shared by tensor object and version.
+* **With activation checkpointing** (``apply_activation_checkpointing``, native impl) the
+  tensors saved outside recomputation -- each segment's input, the stem and the head -- are
+  compressed; inside a segment nothing is saved in the forward. The two transforms touch
+  different ``forward`` methods (the model's, the stages'), so either order gives the same
+  model; ``apply_memory_transforms`` would apply checkpointing first. A recomputed segment
+  starts from its restored (dequantized) input.
+* **Applying twice is an error** (RuntimeError naming the mode already applied).
+
+``measure_saved_activation_bytes`` counts what a compressed model really stores (codes, ranges,
+masks and the tensors kept as they are) through the ``observer`` of :func:`applied_compression`.
+
+``--activation-compression`` (``MemorySettings.activation_compression``) applies it through
+``apply_memory_transforms``. Not done yet: the planner, exact parts other than ReLU masks (max-pool indices are
+kept as saved, its input is quantized), and a GPU kernel (the quantization is plain torch ops).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "COMPRESSION_MODES",
+    "GROUP_SIZE",
+    "MIN_COMPRESS_NUMEL",
+    "CompressSaved",
+    "applied_compression",
+    "apply_activation_compression",
+    "dequantize",
+    "quantize",
+]
+
+logger = logging.getLogger("resnet_scale")
+
+#: mode -> bits per stored element (``none``: not compressed).
+COMPRESSION_MODES: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "int2": 2}
+#: Consecutive elements (in memory order) that share one minimum and step.
+GROUP_SIZE = 256
+#: Saved tensors with fewer elements stay as they are (BatchNorm statistics, small heads).
+MIN_COMPRESS_NUMEL = 4096
+
+_APPLIED_ATTR = "_rs_activation_compression"
+_RELU_NODES = ("ReluBackward", "ThresholdBackward")
+_COPY_NODES = ("ToCopyBackward", "TBackward", "ViewBackward", "TransposeBackward",
+               "PermuteBackward", "ExpandBackward", "AliasBackward", "CloneBackward")
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def _pack_bits(q: Tensor, bits: int) -> Tensor:
+    """uint8 codes < 2**bits, numel a multiple of 8 // bits -> 8 // bits codes per byte."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return q
+    q = q.view(-1, per_byte)
+    out = q[:, 0].clone()
+    for i in range(1, per_byte):
+        out |= q[:, i] << (bits * i)
+    return out
+
+
+def _unpack_bits(packed: Tensor, bits: int) -> Tensor:
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)
+
+
+def quantize(flat: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stochastically rounded ``bits``-bit codes of the 1-D tensor ``flat`` in groups of
+    :data:`GROUP_SIZE`: (packed uint8 codes, per-group minimum, per-group step), fp32 ranges."""
+    n = flat.numel()
+    groups = F.pad(flat.float(), (0, (-n) % GROUP_SIZE)).view(-1, GROUP_SIZE)
+    lo = groups.amin(1, keepdim=True)
+    levels = 2**bits - 1
+    step = (groups.amax(1, keepdim=True) - lo) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    noise = torch.rand_like(groups)
+    q = ((groups - lo) / step + noise).floor_().clamp_(0, levels).to(torch.uint8)
+    return _pack_bits(q.view(-1), bits), lo, step
+
+
+def dequantize(packed: Tensor, lo: Tensor, step: Tensor, bits: int, n: int) -> Tensor:
+    """The fp32 values of :func:`quantize`'s output, first ``n`` elements, 1-D."""
+    q = _unpack_bits(packed, bits).view(-1, GROUP_SIZE)
+    return (lo + q.float() * step).view(-1)[:n]
+
+
+def _is_dense(t: Tensor) -> bool:
+    expected = 1
+    for d in sorted(range(t.dim()), key=lambda d: (t.stride(d), t.size(d))):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _is_parameter_or_copy(t: Tensor) -> bool:
+    """A parameter, a view of one, or a cast/view chain of one (autocast's weight copies)."""
+    base = t._base if t._base is not None else t
+    if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
+        return True
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__.rstrip("0123456789") in _COPY_NODES:
+        nexts = [f for f, _ in fn.next_functions if f is not None]
+        if len(nexts) != 1:
+            return False
+        fn = nexts[0]
+        if hasattr(fn, "variable"):  # AccumulateGrad of a leaf that requires grad
+            return True
+    return False
+
+
+@dataclass
+class _Packed:
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    bits: int
+    codes: Tensor
+    lo: Tensor
+    step: Tensor
+    mask: Tensor | None  # packed 1-bit non-zero mask of a ReLU output
+
+    def stored(self) -> list[Tensor]:
+        return [t for t in (self.codes, self.lo, self.step, self.mask) if t is not None]
+
+
+class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
+    """``with CompressSaved(bits): loss = f(x)`` stores f's saved tensors quantized (module
+    docstring). One instance per forward (it shares packs of a tensor saved twice).
+    ``observer``, if given, is called with every tensor this context keeps for the backward
+    pass (compressed payloads and tensors kept as they are): a meter can count them."""
+
+    def __init__(self, bits: int, *, min_numel: int = MIN_COMPRESS_NUMEL,
+                 observer: Callable[[Tensor], Any] | None = None) -> None:
+        self.bits = bits
+        self.min_numel = min_numel
+        self.observer = observer
+        self._shared: dict[int, tuple[weakref.ref, int, _Packed]] = {}
+        super().__init__(self.pack, self.unpack)
+
+    def compresses(self, t: Tensor) -> bool:
+        """Whether :meth:`pack` quantizes ``t`` (else it keeps ``t`` as it is)."""
+        return (
+            t.is_floating_point()
+            and t.layout == torch.strided
+            and t.numel() >= self.min_numel
+            and _is_dense(t)
+            and not _is_parameter_or_copy(t)
+        )
+
+    def pack(self, t: Tensor) -> Any:
+        if not self.compresses(t):
+            if self.observer is not None:
+                self.observer(t)
+            # An alias: a saved output packed as itself would hold its own grad_fn (a cycle).
+            return t.detach()
+        shared = self._shared.get(id(t))
+        if shared is not None and shared[0]() is t and shared[1] == t._version:
+            return shared[2]
+        flat = t.detach().as_strided((t.numel(),), (1,))
+        codes, lo, step = quantize(flat, self.bits)
+        mask = None
+        if t.grad_fn is not None and type(t.grad_fn).__name__.startswith(_RELU_NODES):
+            nonzero = F.pad(flat != 0, (0, (-flat.numel()) % 8)).to(torch.uint8)
+            mask = _pack_bits_1(nonzero)
+        packed = _Packed(t.shape, t.stride(), t.dtype, t.device, self.bits, codes, lo, step, mask)
+        self._shared[id(t)] = (weakref.ref(t), t._version, packed)
+        if self.observer is not None:
+            for s in packed.stored():
+                self.observer(s)
+        return packed
+
+    @staticmethod
+    def unpack(packed: Any) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        p: _Packed = packed
+        n = 1
+        for s in p.shape:
+            n *= s
+        values = dequantize(p.codes, p.lo, p.step, p.bits, n)
+        if p.mask is not None:
+            nonzero = _unpack_bits_1(p.mask)[:n].bool()
+            values = torch.where(nonzero, values.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+        out = torch.empty_strided(p.shape, p.stride, dtype=p.dtype, device=p.device)
+        out.as_strided((n,), (1,)).copy_(values)
+        return out
+
+
+def _pack_bits_1(bits01: Tensor) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits01.device)
+    return (bits01.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits_1(packed: Tensor) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)
+
+
+# ----------------------------------------------------------------------------- the transform
+
+
+def applied_compression(model: nn.Module) -> dict[str, Any] | None:
+    """What :func:`apply_activation_compression` did to ``model`` (mode, bits, min_numel, and
+    ``observer``: None, or a callable a meter may set to see every stored tensor), or None if it
+    was never applied (or applied with ``none``)."""
+    return getattr(model, _APPLIED_ATTR, None)
+
+
+def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Installed as ``model.forward`` (bound to the model)."""
+    done = self.__dict__[_APPLIED_ATTR]
+    if not (self.training and torch.is_grad_enabled()):
+        return type(self).forward(self, *args, **kwargs)
+    with CompressSaved(done["bits"], min_numel=done["min_numel"], observer=done["observer"]):
+        return type(self).forward(self, *args, **kwargs)
+
+
+def apply_activation_compression(
+    model: nn.Module, mode: str, *, min_numel: int = MIN_COMPRESS_NUMEL
+) -> nn.Module:
+    """Store the tensors ``model``'s training forward saves for backward quantized, in place.
+
+    Args:
+        model: any ``nn.Module`` (resnet_scale's or torchvision's ResNets included); apply
+            before ``torch.compile`` / ``prepare``.
+        mode: ``none``, ``int8``, ``int4`` or ``int2`` (:data:`COMPRESSION_MODES`; what each
+            stores is in the module docstring).
+        min_numel: saved tensors with fewer elements are kept as they are.
+
+    Returns the same model. Logs one line. Raises ValueError for an unknown mode, RuntimeError if
+    compression was already applied.
+    """
+    if mode not in COMPRESSION_MODES:
+        raise ValueError(
+            f"unknown activation compression {mode!r}: choose one of {', '.join(COMPRESSION_MODES)}"
+        )
+    previous = applied_compression(model)
+    if previous is not None:
+        raise RuntimeError(
+            f"activation compression is already applied to this model (mode={previous['mode']}); "
+            "apply it once, to a fresh model"
+        )
+    bits = COMPRESSION_MODES[mode]
+    if bits is None:
+        logger.info("activation compression: none, off")
+        return model
+    model.__dict__[_APPLIED_ATTR] = {"mode": mode, "bits": bits, "min_numel": min_numel,
+                                     "observer": None}
+    model.forward = types.MethodType(_compressed_forward, model)
+    logger.info("activation compression: %s (%d bits per saved element, %d-element groups, "
+                "stochastic rounding; ReLU masks exact)", mode, bits, GROUP_SIZE)
+    return model
+
+
+def _remove_activation_compression(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_activation_compression` (used on private copies by the measuring code)."""
+    if model.__dict__.pop(_APPLIED_ATTR, None) is not None:
+        del model.__dict__["forward"]
+    return model
