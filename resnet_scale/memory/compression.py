@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tensors import copy_chain_leaf, is_dense, is_parameter
+
 __all__ = [
     "COMPRESSION_MODES",
     "GROUP_SIZE",
@@ -89,8 +91,6 @@ MIN_COMPRESS_NUMEL = 4096
 
 _APPLIED_ATTR = "_rs_activation_compression"
 _RELU_NODES = ("ReluBackward", "ThresholdBackward")
-_COPY_NODES = ("ToCopyBackward", "TBackward", "ViewBackward", "TransposeBackward",
-               "PermuteBackward", "ExpandBackward", "AliasBackward", "CloneBackward")
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -136,29 +136,9 @@ def dequantize(packed: Tensor, lo: Tensor, step: Tensor, bits: int, n: int) -> T
     return (lo + q.float() * step).view(-1)[:n]
 
 
-def _is_dense(t: Tensor) -> bool:
-    expected = 1
-    for d in sorted(range(t.dim()), key=lambda d: (t.stride(d), t.size(d))):
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
-
-
 def _is_parameter_or_copy(t: Tensor) -> bool:
     """A parameter, a view of one, or a cast/view chain of one (autocast's weight copies)."""
-    base = t._base if t._base is not None else t
-    if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
-        return True
-    fn = t.grad_fn
-    while fn is not None and type(fn).__name__.rstrip("0123456789") in _COPY_NODES:
-        nexts = [f for f, _ in fn.next_functions if f is not None]
-        if len(nexts) != 1:
-            return False
-        fn = nexts[0]
-        if hasattr(fn, "variable"):  # AccumulateGrad of a leaf that requires grad
-            return True
-    return False
+    return is_parameter(t) or copy_chain_leaf(t) is not None
 
 
 @dataclass
@@ -197,7 +177,7 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
             t.is_floating_point()
             and t.layout == torch.strided
             and t.numel() >= self.min_numel
-            and _is_dense(t)
+            and is_dense(t)
             and not _is_parameter_or_copy(t)
         )
 

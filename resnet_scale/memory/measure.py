@@ -62,6 +62,7 @@ from .checkpointing import (
     segments,
 )
 from .compression import _remove_activation_compression, applied_compression
+from .tensors import copy_chain_leaf
 
 __all__ = [
     "SavedStorages",
@@ -73,14 +74,6 @@ __all__ = [
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _BATCH_NORM_OPS = ("native_batch_norm", "_native_batch_norm_legit")
-#: Autograd nodes of ops that only cast, copy or re-view their single input.
-_COPY_NODES = frozenset(
-    f"{name}Backward"
-    for name in (
-        *("ToCopy", "Clone", "Contiguous", "Alias", "T", "Transpose", "Permute"),
-        *("View", "UnsafeView", "Expand", "AsStrided"),
-    )
-)
 
 
 class _BatchNormStatsInFloat32(TorchDispatchMode):
@@ -179,16 +172,9 @@ class SavedStorages:
         self.groups: dict[int, dict[int, torch.UntypedStorage]] = {}
 
     def _is_parameter_copy(self, t: Tensor) -> bool:
-        """True for a cast or view of a parameter (a chain of _COPY_NODES to its AccumulateGrad)."""
-        fn = t.grad_fn
-        while fn is not None and type(fn).__name__.rstrip("0123456789") in _COPY_NODES:
-            nexts = [f for f, _ in fn.next_functions if f is not None]
-            if len(nexts) != 1:
-                return False
-            fn = nexts[0]
-            if hasattr(fn, "variable"):  # AccumulateGrad: fn.variable is the leaf
-                return fn.variable.untyped_storage()._cdata in self.model_storages
-        return False
+        """True for a cast or view of a parameter (``tensors.copy_chain_leaf``)."""
+        leaf = copy_chain_leaf(t)
+        return leaf is not None and leaf.untyped_storage()._cdata in self.model_storages
 
     def pack(self, t: Tensor) -> Tensor:
         st = t.untyped_storage()

@@ -34,28 +34,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .tensors import is_dense, is_parameter
 
 __all__ = ["MIN_OFFLOAD_BYTES", "OffloadActivations", "copy_to_device", "copy_to_host"]
 
 #: Saved tensors smaller than this stay on the device (see the module docstring).
 MIN_OFFLOAD_BYTES = 64 * 1024
-
-
-def _is_dense(t: Tensor) -> bool:
-    """True if ``t``'s elements fill a block of memory exactly once, in some dimension order
-    (contiguous, channels_last, a transpose, ...): then ``empty_like`` keeps its strides."""
-    expected = 1
-    for d in sorted(range(t.dim()), key=lambda d: (t.stride(d), t.size(d))):
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
-
-
-def _is_parameter(t: Tensor) -> bool:
-    base = t._base if t._base is not None else t
-    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
 
 
 def copy_to_host(t: Tensor, stream: Any = None) -> tuple[Tensor, Any]:
@@ -104,8 +90,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             t.device.type == self.device_type
             and t.layout == torch.strided
             and t.numel() * t.element_size() >= self.min_bytes
-            and not _is_parameter(t)
-            and _is_dense(t)
+            and not is_parameter(t)
+            and is_dense(t)
         )
 
     def pack(self, t: Tensor) -> Any:
