@@ -1,13 +1,18 @@
-# Shared body of the comparison recipes (sourced by plain_vs_basic_r18.sh and
-# basic_vs_bottleneck_r50.sh, which set RECIPE, SHORT, BLOCKS, DEPTH, BATCH, LR, DEFAULT_EPOCHS,
-# BASELINE and TITLE first). Trains every (seed, block) with the same data, batch size, learning
-# rate and epochs, then builds the report. Runs are named <SHORT>-<block>-s<seed> (their W&B names
-# too) and go into one W&B group, <RECIPE>. Settings come from the environment or from flags:
+# Shared body of the comparison recipes (sourced by plain_vs_basic_r18.sh,
+# basic_vs_bottleneck_r50.sh and activation_compression.sh, which set RECIPE, SHORT, DEPTH, BATCH,
+# LR, DEFAULT_EPOCHS, BASELINE and TITLE first, and either BLOCKS (the arms are blocks) or
+# ARM_FLAG, ARMS and GROUP_BY (the arms are the values of another `resnet-scale train` flag, e.g.
+# ARM_FLAG=--activation-compression ARMS="none int8", GROUP_BY=activation_compression), plus
+# optionally FIXED (flags every run gets, e.g. "--block basic") and RECIPE_DIGITS_EPOCHS).
+# Trains every (seed, arm) with the same data, batch size, learning rate and epochs, then builds
+# the report. Runs are named <SHORT>-<arm>-s<seed> (their W&B names too) and go into one W&B
+# group, <RECIPE>. Settings come from the environment or from flags:
 #
-#   --seeds "0 1 2"   SEEDS        seeds, one run per block each (default "0 1 2")
+#   --seeds "0 1 2"   SEEDS        seeds, one run per arm each (default "0 1 2")
 #   --epochs N        EPOCHS       epochs per run (default: the recipe's)
 #   --data NAME       DATA         dataset (default auto: cifar10 when DATA_DIR holds it, or the
-#                                  Hugging Face cache does; else digits, offline, 5 epochs by default)
+#                                  Hugging Face cache does; else digits, offline, 5 epochs by default
+#                                  or the recipe's RECIPE_DIGITS_EPOCHS)
 #   --data-dir DIR    DATA_DIR     where CIFAR-10 is looked for (default data/): cifar-10-batches-py/
 #                                  or cifar10/ (a saved DatasetDict); passed on as --data-dir
 #   --extra "FLAGS"   EXTRA        more `resnet-scale train` flags, the same for every run and
@@ -27,7 +32,11 @@ SEEDS="${SEEDS:-0 1 2}"
 EPOCHS="${EPOCHS:-}"
 DATA="${DATA:-auto}"
 DATA_DIR="${DATA_DIR:-data}"
-DIGITS_EPOCHS=5
+DIGITS_EPOCHS="${RECIPE_DIGITS_EPOCHS:-5}"
+ARM_FLAG="${ARM_FLAG:---block}"
+ARMS="${ARMS:-${BLOCKS:-}}"
+GROUP_BY="${GROUP_BY:-block}"
+FIXED="${FIXED:-}"
 EXTRA="${EXTRA:-}"
 RUNS_DIR="${RUNS_DIR:-runs/$RECIPE}"
 REPORTS_DIR="${REPORTS_DIR:-reports/$RECIPE}"
@@ -93,24 +102,26 @@ run() {
 read -r -a train_cmd <<< "$TRAIN_CMD"
 read -r -a report_cmd <<< "$REPORT_CMD"
 read -r -a extra <<< "$EXTRA"
+read -r -a fixed <<< "$FIXED"
 wandb_flags=(--wandb-project "$WANDB_PROJECT")
 if [[ -n "$WANDB_ENTITY" ]]; then wandb_flags+=(--wandb-entity "$WANDB_ENTITY"); fi
 
-echo "$RECIPE: blocks [$BLOCKS] at depth $DEPTH on $DATA, batch $BATCH, lr $LR, $EPOCHS epochs, seeds [$SEEDS]"
+echo "$RECIPE: ${ARM_FLAG#--} [$ARMS] at depth $DEPTH on $DATA, batch $BATCH, lr $LR, $EPOCHS epochs, seeds [$SEEDS]"
 for seed in $SEEDS; do
-    for block in $BLOCKS; do
-        name="$SHORT-$block-s$seed"
+    for arm in $ARMS; do
+        name="$SHORT-$arm-s$seed"
         if [[ -f "$RUNS_DIR/$name/summary.json" ]]; then
             echo "= $name is done ($RUNS_DIR/$name/summary.json); skipping"
             continue
         fi
-        run "${train_cmd[@]}" --data "$DATA" ${data_flags[@]+"${data_flags[@]}"} --block "$block" --depth "$DEPTH" \
+        run "${train_cmd[@]}" --data "$DATA" ${data_flags[@]+"${data_flags[@]}"} "$ARM_FLAG" "$arm" \
+            ${fixed[@]+"${fixed[@]}"} --depth "$DEPTH" \
             --batch-size "$BATCH" --lr "$LR" --epochs "$EPOCHS" --seed "$seed" \
             --output-dir "$RUNS_DIR" --run-name "$name" \
-            --tracker "$TRACKER" "${wandb_flags[@]}" --run-group "$RECIPE" --tags "$RECIPE,$block,seed$seed" \
+            --tracker "$TRACKER" "${wandb_flags[@]}" --run-group "$RECIPE" --tags "$RECIPE,$arm,seed$seed" \
             ${extra[@]+"${extra[@]}"}
     done
 done
 
-run "${report_cmd[@]}" "$RUNS_DIR" --out "$REPORTS_DIR" --group-by block --baseline "$BASELINE" \
+run "${report_cmd[@]}" "$RUNS_DIR" --out "$REPORTS_DIR" --group-by "$GROUP_BY" --baseline "$BASELINE" \
     --title "$TITLE" --wandb-project "$WANDB_PROJECT" ${WANDB_ENTITY:+--wandb-entity "$WANDB_ENTITY"}
