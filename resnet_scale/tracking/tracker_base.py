@@ -21,7 +21,7 @@ SECTIONS = ("model", "data", "optim", "memory", "distributed", "train")
 PACKAGE_HINTS = {
     "wandb": "--tracker wandb needs the wandb package: pip install 'resnet-scale[wandb]' "
              "(or train with --tracker none or --tracker tensorboard).",
-    "tensorboard": "--tracker tensorboard needs the tensorboard package: pip install tensorboard "
+    "tensorboard": "--tracker tensorboard needs the tensorboard package: pip install 'resnet-scale[tensorboard]' "
                    "(or train with --tracker none or --tracker wandb).",
 }
 
