@@ -31,8 +31,8 @@ from resnet_scale.config.schema import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
-    load_config_file,
 )
+from resnet_scale.config.files import load_config_file
 from resnet_scale.config.args import add_config_arguments, config_from_args, config_to_argv, flag_name, given_fields
 from resnet_scale.config.names import check_run_name, default_run_name
 from resnet_scale.config.values import coerce_value

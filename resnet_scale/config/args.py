@@ -18,7 +18,8 @@ from typing import Any, Callable, Literal, get_args, get_origin
 
 from resnet_scale.config.checks import ALTERNATIVES
 from resnet_scale.config.errors import ConfigError
-from resnet_scale.config.schema import Config, load_config_file
+from resnet_scale.config.files import load_config_file
+from resnet_scale.config.schema import Config
 from resnet_scale.config.values import coerce_value, field_type
 
 #: Train settings a config file does not set: a file says how to train, the command line which run.
