@@ -234,6 +234,10 @@ def test_output_dir_under_a_read_only_folder(tmp_path):
     (["--micro-batch-size", "3"], ["--micro-batch-size 3 must divide the per-device batch 4", "divisors", "1, 2, 4"]),
     (["--distributed", "ddp", "--zero-stage", "2"], ["--distributed ddp cannot use --zero-stage",
                                                      "use --distributed deepspeed"]),
+    (["--activation-compression", "int8", "--compile"],
+     ["--activation-compression int8 does not work with --compile", "give one of them"]),
+    (["--activation-compression", "int4", "--offload-activations"],
+     ["--activation-compression int4 and --offload-activations", "give one of them"]),
 ])
 def test_unknown_or_conflicting_flags_write_nothing(tmp_path, argv, words):
     out = _earlier_run(tmp_path / "runs")

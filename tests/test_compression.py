@@ -166,15 +166,18 @@ def test_composes_with_checkpointing_and_bf16():
     bytes stored; under bf16 autocast the gradients stay close to the bf16 run's.
 
     With checkpointing the error is larger (measured 9.2-9.7 % overall, 3 seeds, against 0.6 %
-    without): each segment is recomputed from its restored input, so its ReLU masks and
-    BatchNorm statistics in the backward pass come from the quantized values."""
+    without; int4 38-40 % against 10 %): each segment is recomputed from its restored input, so
+    its ReLUs decide on/off from perturbed values. The ~0.1 % of elements within about a step of
+    zero flip, and a flip changes that element's gradient by its full size, so the error grows
+    like the square root of the step rather than linearly. BatchNorm's recomputed statistics
+    add nothing measurable (test_compression_compose.py shows the error without ReLUs)."""
     base, (x, y) = tiny_resnet(), batch()
     ckpt = apply_activation_checkpointing(copy.deepcopy(base), "block")
     both = apply_activation_compression(copy.deepcopy(ckpt), "int8")
     out0, grads0, bufs0 = step(ckpt, x, y)
     out, grads, bufs = step(both, x, y)
     assert torch.equal(out, out0) and all(torch.equal(bufs[n], bufs0[n]) for n in bufs0)
-    assert overall_error(grads, grads0) < 0.15
+    assert overall_error(grads, grads0) < 0.12
     assert measure_saved_activation_bytes(both, 8, 16) * 3 < measure_saved_activation_bytes(ckpt, 8, 16)
     out0, grads0, _ = step(copy.deepcopy(base), x, y, autocast=True)
     out, grads, _ = step(apply_activation_compression(copy.deepcopy(base), "int8"), x, y, autocast=True)
@@ -217,21 +220,32 @@ def test_the_memory_settings_apply_it_after_checkpointing_and_refuse_what_cannot
 
 
 @pytest.mark.e2e
-def test_a_training_run_with_activation_compression(tmp_path):
+def test_a_training_run_with_activation_compression(tmp_path, capsys):
+    """Through the CLI with sqrt checkpointing, micro-batches and channels_last as well; then
+    ``resnet-scale eval`` of its weights (a plain model: evaluation is untouched) reproduces the
+    run's final test accuracy and loss."""
     import json
     import sys
     from pathlib import Path
+
+    from resnet_scale.cli import main
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train_e2e import read_jsonl, run_cli
 
     args = ("--data", "synthetic", "--layers", "1,1,1", "--block", "basic", "--image-size", "8",
             "--synthetic-train-samples", "32", "--synthetic-test-samples", "16", "--max-steps", "2",
-            "--batch-size", "16", "--log-every", "1", "--output-dir", tmp_path)
+            "--batch-size", "16", "--log-every", "1", "--output-dir", tmp_path, "--tracker", "none",
+            "--activation-checkpointing", "sqrt", "--micro-batch-size", "8", "--channels-last")
     out = run_cli(*args, "--run-name", "int2", "--activation-compression", "int2")
     assert out.returncode == 0, out.stderr[-3000:]
-    saved = json.loads((tmp_path / "int2" / "config.json").read_text())
+    run = tmp_path / "int2"
+    saved = json.loads((run / "config.json").read_text())
     assert saved["memory"]["activation_compression"] == "int2"
     assert saved["config"]["memory"]["activation_compression"] == "int2"
-    train = [r for r in read_jsonl(tmp_path / "int2" / "metrics.jsonl") if r["split"] == "train"]
+    assert (saved["memory"]["checkpointing"], saved["memory"]["accumulation_steps"]) == ("sqrt", 2)
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
+    assert main(["eval", str(run)]) == 0, capsys.readouterr().err
+    summary, final = (json.loads((run / name).read_text()) for name in ("summary.json", "eval-final.json"))
+    assert (final["accuracy"], final["loss"]) == (summary["final_accuracy"], summary["final_test_loss"])

@@ -5,6 +5,7 @@ end run in-process and fast.
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -132,15 +133,32 @@ def test_global_batch_invariance_with_sync_bn(tmp_path, ddp_run):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("engine", [("--distributed", "ddp"), ("--zero-stage", "2")])
 def test_channels_last_is_what_the_step_uses(tmp_path, engine):
+    """With --activation-compression int8 too (it changes only what the backward pass reads, never
+    a forward's layout): both ranks end with the same parameters, the losses are finite and the
+    exported weights and the checkpoint's state_dict (ZeRO's too) have the plain model's keys."""
     probe = tmp_path / "probe"
     cmd = ranks(2, REPO / "tests" / "workers" / "probe_channels_last.py")
-    out = run_cli(probe, *BASE, "--output-dir", tmp_path, "--channels-last", *engine, launcher=cmd)
+    out = run_cli(probe, *BASE, "--output-dir", tmp_path, "--run-name", "r", "--channels-last",
+                  "--activation-compression", "int8", "--checkpoint-every", "3", *engine, launcher=cmd)
     assert out.returncode == 0, out.stderr[-3000:]
-    for rank in (0, 1):
-        seen = json.loads(Path(f"{probe}.rank{rank}").read_text())
-        assert seen["activations"] and all(seen["activations"]), "an activation was not NHWC"
+    seen = [json.loads(Path(f"{probe}.rank{rank}").read_text()) for rank in (0, 1)]
+    for rank in seen:
+        assert rank["activations"] and all(rank["activations"]), "an activation was not NHWC"
         if engine[0] == "--distributed":  # DDP: the weights are NHWC too; ZeRO keeps them NCHW by design
-            assert all(seen["weights"])
+            assert all(rank["weights"])
+    assert seen[0]["parameters"] == seen[1]["parameters"]
+    run = tmp_path / "r"
+    assert json.loads((run / "config.json").read_text())["memory"]["activation_compression"] == "int8"
+    losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    plain = sorted(build_resnet("basic", None, layers=(1, 1, 1), num_classes=10).state_dict())
+    assert sorted(load_weights(run / "model.safetensors")) == plain
+    (checkpoint,) = (run / "checkpoints").iterdir()  # step 3's: the model's state_dict as saved
+    if engine[0] == "--distributed":
+        assert sorted(load_weights(checkpoint / "model.safetensors")) == plain
+    else:
+        states = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert sorted(states["module"]) == plain
 
 
 def _wait_for_listener(port: int, timeout: float) -> None:

@@ -160,12 +160,13 @@ def test_resume_auto_needs_only_the_run_name(finished, tmp_path):
 def test_a_flag_that_changes_the_run_is_refused_in_one_line_naming_each_difference(finished, tmp_path):
     run = _stopped(_copy(finished, tmp_path), 3)
     before = _files(run)
-    out = run_cli(*_args(batch_size=32, seed=1), "--lr", "0.2", "--output-dir", tmp_path, "--run-name", "fin",
-                  "--resume", "auto")
+    out = run_cli(*_args(batch_size=32, seed=1), "--lr", "0.2", "--activation-compression", "int8", "--output-dir",
+                  tmp_path, "--run-name", "fin", "--resume", "auto")
     assert out.returncode == 2, out.stderr[-3000:]
     (line,) = _error_lines(out.stderr)
     for part in ("--batch-size 32 differs from the run's 16", "--seed 1 differs from the run's 0",
-                 "--lr 0.2 differs from the run's 0.1", "--override lr,batch_size,seed"):
+                 "--lr 0.2 differs from the run's 0.1", "--activation-compression int8 differs from the run's none",
+                 "--override lr,activation_compression,batch_size,seed"):
         assert part in line
     assert "Traceback" not in out.stderr and _files(run) == before
     # Another model: one line naming it, not the state_dict's keys (--override cannot change it either).
