@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_train_e2e import python_script  # noqa: E402
 
 TITLES = {"1": "Throughput: CIFAR-stem", "2": "Throughput:", "3": "Memory:", "4": "DDP vs ZeRO-2 vs ZeRO-3",
-          "5": "Planner: predicted vs measured"}
+          "5": "Planner: predicted vs measured", "6": "Activation compression:"}
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,28 @@ def test_smoke_tflops_mfu_and_goals(smoke):
                    "CIFAR-stem basic-8 (smoke) compiled MFU": (">= 25 %", NA),
                    "basic-8 (smoke) 16 px compiled MFU": (">= 20 %", NA)}
     assert "| 1 | CIFAR-stem basic-8 (smoke) eager MFU | n/a | >= 15 % | not measured |" in smoke["md"]
+
+
+def test_smoke_compression_rows(smoke):
+    """Section 6: bf16 + channels_last without and with each compression mode, each row timed on a
+    model that has that mode applied, its time ratio judged against 1.5x, the meter's saved bytes
+    per image shrinking with the bits."""
+    rows = smoke["json"]["sections"]["6"]["rows"]
+    assert [r["config"] for r in rows] == ["bf16 + channels_last"] + [f"bf16 + channels_last + {m}"
+                                                                      for m in ("int8", "int4", "int2")]
+    assert [r["applied"] for r in rows] == [r["mode"] for r in rows] == ["none", "int8", "int4", "int2"]
+    assert all("--activation-compression " + r["mode"] in r["flags"] for r in rows)
+    assert rows[0]["vs_uncompressed"] == 1.0 and all(r["windows"] == 3 and r["img_per_s"] > 0 for r in rows)
+    for r in rows[1:]:
+        assert r["vs_uncompressed"] == pytest.approx(r["ms_per_image"] / rows[0]["ms_per_image"])
+    saved = [r["saved_mib_per_image"] for r in rows]
+    assert saved == sorted(saved, reverse=True) and saved[-1] < saved[0] / 4
+    assert all(r["peak_gib"] is None and r["tflops"] > 0 for r in rows)  # CPU: no max_memory_allocated
+    goals = [g for g in smoke["json"]["goals"] if g["section"] == "6"]
+    assert [(g["name"], g["op"], g["target"]) for g in goals] == [
+        (f"basic-8 (smoke) bf16+CL+{m} time/image vs bf16+CL", "<=", 1.5) for m in ("int8", "int4", "int2")]
+    assert [g["value"] for g in goals] == [r["vs_uncompressed"] for r in rows[1:]]
+    assert "| bf16 + channels_last + int2 | int2 | 8 |" in smoke["md"]
 
 
 def test_smoke_zero_rows_are_like_for_like(smoke):
