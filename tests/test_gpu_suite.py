@@ -208,24 +208,17 @@ def test_smoke_tflops_mfu_and_goals(smoke):
 
 
 def test_smoke_compression_rows(smoke):
-    """Section 6: bf16 + channels_last without and with each compression mode, each row timed on a
-    model that has that mode applied, its time ratio judged against 1.5x, the meter's saved bytes
-    per image shrinking with the bits."""
-    rows = smoke["json"]["sections"]["6"]["rows"]
-    assert [r["config"] for r in rows] == ["bf16 + channels_last"] + [f"bf16 + channels_last + {m}"
-                                                                      for m in ("int8", "int4", "int2")]
-    assert [r["applied"] for r in rows] == [r["mode"] for r in rows] == ["none", "int8", "int4", "int2"]
-    assert all("--activation-compression " + r["mode"] in r["flags"] for r in rows)
-    assert rows[0]["vs_uncompressed"] == 1.0 and all(r["windows"] == 3 and r["img_per_s"] > 0 for r in rows)
-    for r in rows[1:]:
-        assert r["vs_uncompressed"] == pytest.approx(r["ms_per_image"] / rows[0]["ms_per_image"])
+    """Section 6: bf16+CL without and with each compression mode, read back from the timed model;
+    each ratio judged against 1.5x; the meter's saved bytes per image shrink with the bits."""
+    rows, modes = smoke["json"]["sections"]["6"]["rows"], ["none", "int8", "int4", "int2"]
+    assert [r["applied"] for r in rows] == [r["mode"] for r in rows] == modes and rows[0]["vs_uncompressed"] == 1.0
+    assert all(r["windows"] == 3 and r["peak_gib"] is None and f"--activation-compression {r['mode']}" in r["flags"]
+               and r["vs_uncompressed"] == pytest.approx(r["ms_per_image"] / rows[0]["ms_per_image"]) for r in rows)
     saved = [r["saved_mib_per_image"] for r in rows]
     assert saved == sorted(saved, reverse=True) and saved[-1] < saved[0] / 4
-    assert all(r["peak_gib"] is None and r["tflops"] > 0 for r in rows)  # CPU: no max_memory_allocated
-    goals = [g for g in smoke["json"]["goals"] if g["section"] == "6"]
-    assert [(g["name"], g["op"], g["target"]) for g in goals] == [
-        (f"basic-8 (smoke) bf16+CL+{m} time/image vs bf16+CL", "<=", 1.5) for m in ("int8", "int4", "int2")]
-    assert [g["value"] for g in goals] == [r["vs_uncompressed"] for r in rows[1:]]
+    goals = [(g["name"], g["value"], g["goal"]) for g in smoke["json"]["goals"] if g["section"] == "6"]
+    assert goals == [(f"basic-8 (smoke) bf16+CL+{m} time/image vs bf16+CL", r["vs_uncompressed"], "<= 1.50 x")
+                     for m, r in zip(modes[1:], rows[1:])]
     assert "| bf16 + channels_last + int2 | int2 | 8 |" in smoke["md"]
 
 
