@@ -13,7 +13,6 @@ from _gpu_suite_timing import flops_per_image, tensor_format, time_windows
 from resnet_scale.memory import applied_compression, apply_activation_compression, measure_saved_activation_bytes
 from resnet_scale.models import build_resnet
 
-MODES = ("none", "int8", "int4", "int2")
 #: time per image of a compressed step vs bf16 + channels_last without compression
 TIME_GOAL = 1.5
 
@@ -53,7 +52,7 @@ def run_compression(cfg: dict, ops, goals: list[Goal], profile, sec: dict) -> di
     fpi, peak = flops_per_image(s), device_peak(ops)
     rows = sec["rows"]
     sec["notes"].append("applied: the compression mode found on the model that was timed (applied_compression)")
-    for mode in MODES:
+    for mode in cfg["comp_modes"]:  # "none" first: the reference
         flags = base + ["--activation-compression", mode]
         label = "bf16 + channels_last" + ("" if mode == "none" else f" + {mode}")
         eng = build_engine(flags, ops.device.type, s["classes"])

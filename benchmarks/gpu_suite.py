@@ -27,7 +27,8 @@ elapsed time per section is recorded.
    to work; otherwise the section is skipped with the ImportError's text.
 5. The planner's predicted peak vs the peaks measured in 3 and 4. Goal: within +-15 %.
 6. Activation compression, ResNet-50 224 px, batch 128: bf16 + channels_last with
-   ``--activation-compression int8|int4|int2`` vs without: time per image and peak memory.
+   ``--activation-compression int8|int4|int2`` (``--smoke``: int2 only) vs without: time per image
+   and peak memory.
    Goal: <= 1.5x the time per image.
 
 Throughput rows time the real loop of ``resnet-scale train`` and, beside it, the same run's step
@@ -73,7 +74,7 @@ FULL = {
     "r50": {**_R50, "batch": 256}, "r50_timing": (5, 4, 5),
     "mem": {**_R50, "batch": 128}, "mem_steps": (3, 10), "limit_gib": 8.0, "max_batch": 2048,
     "zero": {**_R50, "batch": 128}, "zero_timing": (5, 3, 5),
-    "comp": {**_R50, "batch": 128}, "comp_timing": (3, 3, 5),
+    "comp": {**_R50, "batch": 128}, "comp_timing": (3, 3, 5), "comp_modes": ("none", "int8", "int4", "int2"),
 }
 #: CPU, CI: depth 8, 16 px, batch 8, three windows of one or two steps. torch.compile with the
 #: "eager" backend (the code path without inductor's C++ compile); DeepSpeed runs on CPU over gloo.
@@ -83,7 +84,7 @@ SMOKE = {
     "r50": {**_TINY, "batch": 8}, "r50_timing": (1, 3, 1),
     "mem": {**_TINY, "batch": 8}, "mem_steps": (1, 3), "limit_gib": 8.0, "max_batch": 64,
     "zero": {**_TINY, "batch": 8}, "zero_timing": (1, 3, 1),
-    "comp": {**_TINY, "batch": 8}, "comp_timing": (1, 3, 1),
+    "comp": {**_TINY, "batch": 8}, "comp_timing": (1, 3, 1), "comp_modes": ("none", "int2"),
 }
 SECTIONS = {"1": "cifar", "2": "r50", "3": "memory", "4": "zero", "5": "planner", "6": "compression"}
 #: After a stop signal, the seconds cleanup may take before the process leaves anyway.

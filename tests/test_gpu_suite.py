@@ -151,7 +151,7 @@ def test_sections_flag():
 
     assert gpu_suite.parse_sections("5,1,1") == ["1", "5"]
     with pytest.raises(Exception):
-        gpu_suite.parse_sections("6")
+        gpu_suite.parse_sections("7")
 
 
 # ----------------------------------------------------------------------------- figures users can trust
@@ -208,9 +208,9 @@ def test_smoke_tflops_mfu_and_goals(smoke):
 
 
 def test_smoke_compression_rows(smoke):
-    """Section 6: bf16+CL without and with each compression mode, read back from the timed model;
-    each ratio judged against 1.5x; the meter's saved bytes per image shrink with the bits."""
-    rows, modes = smoke["json"]["sections"]["6"]["rows"], ["none", "int8", "int4", "int2"]
+    """Section 6: bf16+CL without and with compression, the mode read back from the timed model;
+    each ratio judged against 1.5x; the meter's saved bytes per image shrink."""
+    rows, modes = smoke["json"]["sections"]["6"]["rows"], ["none", "int2"]  # smoke: int8/int4 only on a GPU
     assert [r["applied"] for r in rows] == [r["mode"] for r in rows] == modes and rows[0]["vs_uncompressed"] == 1.0
     assert all(r["windows"] == 3 and r["peak_gib"] is None and f"--activation-compression {r['mode']}" in r["flags"]
                and r["vs_uncompressed"] == pytest.approx(r["ms_per_image"] / rows[0]["ms_per_image"]) for r in rows)
