@@ -225,11 +225,13 @@ def render(report: dict) -> str:
            f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['threads']} torch "
            f"thread(s)), torch {report['machine']['torch']}, Python {report['machine']['python']}; "
            f"wall time {report['wall_s']:.0f} s, of which this process had the CPU for {report['cpu_s']:.0f} s "
-           f"(load average {report['load_start']} at the start: other work shared the cores).", "", "```bash", report["command"], "```", "",
+           f"(load average {report['load_start']} at the start: other work shared the cores).", "",
+           "```bash", report["command"], "```", "",
            "Relative error ||g_c - g|| / ||g|| of the parameter gradients of one training step with the "
            "saved activations compressed (g_c) against the uncompressed step (g) on the same batch and weights, "
            "with the same activation checkpointing (so only compression differs). Inputs: "
-           + DATA_TEXT[s["data"]] + f"; weights as initialised (seed {s['seed']}), training mode. Each figure is the mean over "
+           + DATA_TEXT[s["data"]] + f"; weights as initialised (seed {s['seed']}), training mode. "
+           "Each figure is the mean over "
            f"{s['draws']} draws of the stochastic rounding ± their standard deviation. `overall`: all parameters "
            "as one vector; `median`/`max`: over the parameters; stages: stem = conv1 + bn1, layer1..4, fc. A saved "
            "tensor under 4096 elements stays uncompressed (BatchNorm statistics; the fc input of ResNet-18 at "
@@ -326,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "compression_gradients", "date": dt.datetime.now(dt.timezone.utc).isoformat("T", "seconds"),
               "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ
                           else "") + command,
-              "machine": machine(args.threads), "settings": {"draws": args.draws, "seed": 0, "data": args.data, "modes": list(MODES),
-                                                              "policies": list(POLICIES), "smoke": args.smoke},
-              "csv": "compression_gradients.csv", "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu0,
+              "machine": machine(args.threads),
+              "settings": {"draws": args.draws, "seed": 0, "data": args.data, "modes": list(MODES),
+                           "policies": list(POLICIES), "smoke": args.smoke},
+              "csv": "compression_gradients.csv", "wall_s": time.perf_counter() - started,
+              "cpu_s": time.process_time() - cpu0,
               "load_start": load_start, "models": models}
     paths = write(args.out, report)
     print(f"[compression_gradients] wrote {', '.join(map(str, paths))} in {report['wall_s']:.0f} s")

@@ -155,12 +155,14 @@ def parts(shape: tuple[int, ...]) -> list[dict]:
     nonzero = compression._unpack_bits_1(mask)[:n].bool()
     masked = torch.where(nonzero, values.clamp_min(tiny), 0.0)
     rows += [
-        ("└ pack: F.pad(flat.float(), ...) (copies even when nothing is padded)", lambda: F.pad(flat.float(), (0, 0))),
+        ("└ pack: F.pad(flat.float(), ...) (copies even when nothing is padded)",
+         lambda: F.pad(flat.float(), (0, 0))),
         ("└ pack: amin + amax per group", lambda: (groups.amin(1, keepdim=True), groups.amax(1, keepdim=True))),
         ("└ pack: torch.rand_like (one fp32 uniform per element)", lambda: torch.rand_like(groups)),
         ("└ pack: ((x - lo) / step + noise).floor_().clamp_().to(uint8)",
          lambda: ((groups - lo) / step + noise).floor_().clamp_(0, 255).to(torch.uint8)),
-        ("└ pack: mask bits: F.pad(flat != 0, ...).to(uint8)", lambda: F.pad(flat != 0, (0, (-n) % 8)).to(torch.uint8)),
+        ("└ pack: mask bits: F.pad(flat != 0, ...).to(uint8)",
+         lambda: F.pad(flat != 0, (0, (-n) % 8)).to(torch.uint8)),
         ("└ pack: _pack_bits_1 (shift, sum over 8)", lambda: compression._pack_bits_1(bits01)),
         ("└ unpack: lo + q.float() * step", lambda: (lo + q.view(-1, G).float() * step).view(-1)[:n]),
         ("└ unpack: _unpack_bits_1(mask)[:n].bool()", lambda: compression._unpack_bits_1(mask)[:n].bool()),
