@@ -1,6 +1,6 @@
 """GPU benchmark suite: resnet_scale's speed and memory claims, measured on one GPU.
 
-    python benchmarks/gpu_suite.py [--out docs/benchmarks] [--smoke] [--sections 1,2,3,4,5] [--profile]
+    python benchmarks/gpu_suite.py [--out docs/benchmarks] [--smoke] [--sections 1,2,3,4,5,6] [--profile]
                                    [--time-limit SECONDS]
 
 Writes ``gpu-<date>.md`` and ``gpu-<date>.json`` to ``--out`` (default ``docs/benchmarks``): the
@@ -26,6 +26,10 @@ elapsed time per section is recorded.
    weights' memory format, same inputs). Goals: <= 1.10x, <= 1.30x. Needs ``import deepspeed``
    to work; otherwise the section is skipped with the ImportError's text.
 5. The planner's predicted peak vs the peaks measured in 3 and 4. Goal: within +-15 %.
+6. Activation compression, ResNet-50 224 px, batch 128: bf16 + channels_last with
+   ``--activation-compression int8|int4|int2`` (``--smoke``: int2 only) vs without: time per image
+   and peak memory.
+   Goal: <= 1.5x the time per image.
 
 Throughput rows time the real loop of ``resnet-scale train`` and, beside it, the same run's step
 alone (``loop_vs_step``); every row is at least three timed windows (median, slowest, fastest)
@@ -70,6 +74,7 @@ FULL = {
     "r50": {**_R50, "batch": 256}, "r50_timing": (5, 4, 5),
     "mem": {**_R50, "batch": 128}, "mem_steps": (3, 10), "limit_gib": 8.0, "max_batch": 2048,
     "zero": {**_R50, "batch": 128}, "zero_timing": (5, 3, 5),
+    "comp": {**_R50, "batch": 128}, "comp_timing": (3, 3, 5), "comp_modes": ("none", "int8", "int4", "int2"),
 }
 #: CPU, CI: depth 8, 16 px, batch 8, three windows of one or two steps. torch.compile with the
 #: "eager" backend (the code path without inductor's C++ compile); DeepSpeed runs on CPU over gloo.
@@ -79,8 +84,9 @@ SMOKE = {
     "r50": {**_TINY, "batch": 8}, "r50_timing": (1, 3, 1),
     "mem": {**_TINY, "batch": 8}, "mem_steps": (1, 3), "limit_gib": 8.0, "max_batch": 64,
     "zero": {**_TINY, "batch": 8}, "zero_timing": (1, 3, 1),
+    "comp": {**_TINY, "batch": 8}, "comp_timing": (1, 3, 1), "comp_modes": ("none", "int2"),
 }
-SECTIONS = {"1": "cifar", "2": "r50", "3": "memory", "4": "zero", "5": "planner"}
+SECTIONS = {"1": "cifar", "2": "r50", "3": "memory", "4": "zero", "5": "planner", "6": "compression"}
 #: After a stop signal, the seconds cleanup may take before the process leaves anyway.
 GRACE_S = 30.0
 
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder for gpu-<date>.md/.json")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, a few steps (CI)")
-    ap.add_argument("--sections", type=parse_sections, default=list(SECTIONS), help="e.g. 1,2,5 (default: all)")
+    ap.add_argument("--sections", type=parse_sections, default=list(SECTIONS), help="e.g. 1,2,6 (default: all)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for each missed goal")
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="stop this long after the start (imports not counted), keeping the partial report "
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer: fixed shapes, fastest kernels
 
+    from _gpu_suite_compression import run_compression
     from _gpu_suite_memory import _memory_module, run_memory, run_planner, run_zero
     from _gpu_suite_speed import run_cifar, run_r50
 
@@ -240,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                "2": lambda sec: run_r50(cfg, ops, goals, prof, sec),
                "3": lambda sec: run_memory(cfg, ops, goals, prof, sec),
                "4": lambda sec: run_zero(cfg, ops, goals, prof, sec),
-               "5": lambda sec: run_planner(cfg, suite.sections, goals, device, sec)}
+               "5": lambda sec: run_planner(cfg, suite.sections, goals, device, sec),
+               "6": lambda sec: run_compression(cfg, ops, goals, prof, sec)}
     stops = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
     previous = {sig: signal.signal(sig, suite.on_signal) for sig in stops}
     if args.time_limit:  # counted from the suite's start, as its report's clock

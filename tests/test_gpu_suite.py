@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_train_e2e import python_script  # noqa: E402
 
 TITLES = {"1": "Throughput: CIFAR-stem", "2": "Throughput:", "3": "Memory:", "4": "DDP vs ZeRO-2 vs ZeRO-3",
-          "5": "Planner: predicted vs measured"}
+          "5": "Planner: predicted vs measured", "6": "Activation compression:"}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_sections_flag():
 
     assert gpu_suite.parse_sections("5,1,1") == ["1", "5"]
     with pytest.raises(Exception):
-        gpu_suite.parse_sections("6")
+        gpu_suite.parse_sections("7")
 
 
 # ----------------------------------------------------------------------------- figures users can trust
@@ -205,6 +205,21 @@ def test_smoke_tflops_mfu_and_goals(smoke):
                    "CIFAR-stem basic-8 (smoke) compiled MFU": (">= 25 %", NA),
                    "basic-8 (smoke) 16 px compiled MFU": (">= 20 %", NA)}
     assert "| 1 | CIFAR-stem basic-8 (smoke) eager MFU | n/a | >= 15 % | not measured |" in smoke["md"]
+
+
+def test_smoke_compression_rows(smoke):
+    """Section 6: bf16+CL without and with compression, the mode read back from the timed model;
+    each ratio judged against 1.5x; the meter's saved bytes per image shrink."""
+    rows, modes = smoke["json"]["sections"]["6"]["rows"], ["none", "int2"]  # smoke: int8/int4 only on a GPU
+    assert [r["applied"] for r in rows] == [r["mode"] for r in rows] == modes and rows[0]["vs_uncompressed"] == 1.0
+    assert all(r["windows"] == 3 and r["peak_gib"] is None and f"--activation-compression {r['mode']}" in r["flags"]
+               and r["vs_uncompressed"] == pytest.approx(r["ms_per_image"] / rows[0]["ms_per_image"]) for r in rows)
+    saved = [r["saved_mib_per_image"] for r in rows]
+    assert saved == sorted(saved, reverse=True) and saved[-1] < saved[0] / 4
+    goals = [(g["name"], g["value"], g["goal"]) for g in smoke["json"]["goals"] if g["section"] == "6"]
+    assert goals == [(f"basic-8 (smoke) bf16+CL+{m} time/image vs bf16+CL", r["vs_uncompressed"], "<= 1.50 x")
+                     for m, r in zip(modes[1:], rows[1:])]
+    assert "| bf16 + channels_last + int2 | int2 | 8 |" in smoke["md"]
 
 
 def test_smoke_zero_rows_are_like_for_like(smoke):
