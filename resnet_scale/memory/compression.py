@@ -20,10 +20,20 @@ Modes (:data:`COMPRESSION_MODES`):
   is exact; the values the convolution needs are the unbiased ones above (a restored 0 of a
   positive element becomes ``finfo(dtype).tiny``: 1.2e-38 in fp32/bf16, 6.1e-5 in fp16).
 
+* **Integer tensors** (max-pool's int64 indices) of at least ``min_numel`` elements, dense, are
+  stored exactly in the narrowest signed integer dtype that holds their minimum and maximum (int8,
+  int16 or int32: ResNet-50's indices into a 112 x 112 plane fit int16, a quarter of int64) and
+  restored to their dtype and strides. Reading the minimum and maximum costs one device-to-host
+  read per such tensor (one per forward for a ResNet). On the ``meta`` device (the byte meter)
+  a tensor has no values: the range its op guarantees is used, set as the attribute
+  :data:`VALUE_RANGE_ATTR` (``measure.py`` sets it on max-pool indices: 0 .. plane size - 1, what
+  real indices reach too unless every maximum avoids the last window); without one it is kept.
+
 Kept as they are (not compressed): parameters and views or casts of them (autocast's bf16 weight
 copies are found through their autograd history; a *frozen* parameter's cast has none and is
-compressed), non-floating tensors (max-pool indices), tensors under ``min_numel`` elements
-(BatchNorm's saved mean and inverse std), and tensors that are not dense (expanded views).
+compressed), integer tensors that are small, not dense, or need int64, tensors under
+``min_numel`` elements (BatchNorm's saved mean and inverse std), and tensors that are not dense
+(expanded views).
 
 Design decisions
 ----------------
@@ -50,8 +60,9 @@ Design decisions
 masks and the tensors kept as they are) through the ``observer`` of :func:`applied_compression`.
 
 ``--activation-compression`` (``MemorySettings.activation_compression``) applies it through
-``apply_memory_transforms``. Not done yet: the planner, exact parts other than ReLU masks (max-pool indices are
-kept as saved, its input is quantized), and a GPU kernel (the quantization is plain torch ops).
+``apply_memory_transforms``; the planner (``resnet_scale.planner``) can choose it. Not done yet:
+exact parts other than ReLU masks and narrowed integers (max-pool's input is quantized), and a GPU
+kernel (the quantization is plain torch ops).
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ __all__ = [
     "COMPRESSION_MODES",
     "GROUP_SIZE",
     "MIN_COMPRESS_NUMEL",
+    "VALUE_RANGE_ATTR",
     "CompressSaved",
     "applied_compression",
     "apply_activation_compression",
@@ -88,6 +100,10 @@ COMPRESSION_MODES: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, 
 GROUP_SIZE = 256
 #: Saved tensors with fewer elements stay as they are (BatchNorm statistics, small heads).
 MIN_COMPRESS_NUMEL = 4096
+
+#: Attribute of a tensor without values (``meta``/fake) giving the (min, max) its op guarantees.
+VALUE_RANGE_ATTR = "_rs_value_range"
+_NARROW_INTS = (torch.int8, torch.int16, torch.int32)
 
 _APPLIED_ATTR = "_rs_activation_compression"
 _RELU_NODES = ("ReluBackward", "ThresholdBackward")
@@ -157,6 +173,44 @@ class _Packed:
         return [t for t in (self.codes, self.lo, self.step, self.mask) if t is not None]
 
 
+@dataclass
+class _Narrowed:
+    """An integer tensor stored exactly in a narrower integer dtype (same shape and strides)."""
+
+    values: Tensor
+    dtype: torch.dtype
+
+
+def _value_range(t: Tensor) -> tuple[int, int] | None:
+    """(min, max) of an integer tensor: read from it, or, for one without values (meta/fake),
+    the range set as :data:`VALUE_RANGE_ATTR` (None if not set)."""
+    known = getattr(t, VALUE_RANGE_ATTR, None)
+    if known is not None:
+        return known
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type == "meta" or is_fake(t):
+        return None
+    lo, hi = torch.aminmax(t.detach())
+    return int(lo), int(hi)
+
+
+def narrow_int_dtype(t: Tensor) -> torch.dtype | None:
+    """The narrowest signed integer dtype holding ``t``'s values exactly, if narrower than its own."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() == 0:
+        return None
+    span = _value_range(t)
+    if span is None:
+        return None
+    for dtype in _NARROW_INTS:
+        info = torch.iinfo(dtype)
+        if info.bits >= torch.iinfo(t.dtype).bits:
+            return None
+        if info.min <= span[0] and span[1] <= info.max:
+            return dtype
+    return None
+
+
 class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
     """``with CompressSaved(bits): loss = f(x)`` stores f's saved tensors quantized (module
     docstring). One instance per forward (it shares packs of a tensor saved twice).
@@ -182,6 +236,15 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         )
 
     def pack(self, t: Tensor) -> Any:
+        if (not t.is_floating_point() and t.layout == torch.strided and t.numel() >= self.min_numel
+                and is_dense(t)):
+            narrow = narrow_int_dtype(t)
+            if narrow is not None:
+                values = torch.empty_strided(t.shape, t.stride(), dtype=narrow, device=t.device)
+                values.copy_(t.detach())
+                if self.observer is not None:
+                    self.observer(values)
+                return _Narrowed(values, t.dtype)
         if not self.compresses(t):
             if self.observer is not None:
                 self.observer(t)
@@ -207,6 +270,8 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
     def unpack(packed: Any) -> Tensor:
         if isinstance(packed, Tensor):
             return packed
+        if isinstance(packed, _Narrowed):
+            return packed.values.to(packed.dtype)  # preserve_format: same strides (dense)
         p: _Packed = packed
         n = 1
         for s in p.shape:
