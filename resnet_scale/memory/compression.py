@@ -104,10 +104,12 @@ GROUP_SIZE = 256
 #: Saved tensors with fewer elements stay as they are (BatchNorm statistics, small heads).
 MIN_COMPRESS_NUMEL = 4096
 
-#: Elements :meth:`CompressSaved.unpack` restores at a time (a multiple of GROUP_SIZE and of 8).
-RESTORE_CHUNK = 2**20
+#: :meth:`CompressSaved.unpack` restores a tensor in at most RESTORE_CHUNKS pieces of at least
+#: RESTORE_CHUNK elements (whole groups): its temporaries stay a small share of the tensor.
+RESTORE_CHUNK = 2**16
+RESTORE_CHUNKS = 64
 #: Bytes of temporaries per element of a chunk being restored (:func:`restore_peak_bytes`).
-RESTORE_TEMP_BYTES_PER_ELEMENT = 13
+RESTORE_TEMP_BYTES_PER_ELEMENT = 24
 #: Attribute of a tensor without values (``meta``/fake) giving the (min, max) its op guarantees.
 VALUE_RANGE_ATTR = "_rs_value_range"
 _NARROW_INTS = (torch.int8, torch.int16, torch.int32)
@@ -286,8 +288,9 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         out = torch.empty_strided(p.shape, p.stride, dtype=p.dtype, device=p.device)
         flat = out.as_strided((n,), (1,))
         per_group = GROUP_SIZE * p.bits // 8  # code bytes per group
-        for start in range(0, n, RESTORE_CHUNK):  # bounded fp32 temporaries (restore_peak_bytes)
-            stop = min(n, start + RESTORE_CHUNK)
+        chunk = restore_chunk(n)
+        for start in range(0, n, chunk):  # bounded fp32 temporaries (restore_peak_bytes)
+            stop = min(n, start + chunk)
             g0, g1 = start // GROUP_SIZE, -(-stop // GROUP_SIZE)
             values = dequantize(p.codes[g0 * per_group:g1 * per_group], p.lo[g0:g1], p.step[g0:g1], p.bits,
                                 stop - start)
@@ -295,7 +298,13 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
                 nonzero = _unpack_bits_1(p.mask[start // 8:-(-stop // 8)])[:stop - start].bool()
                 values = torch.where(nonzero, values.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
             flat[start:stop].copy_(values)
+            values = nonzero = None  # free this chunk's temporaries before the next one's
         return out
+
+
+def restore_chunk(numel: int) -> int:
+    """Elements :meth:`CompressSaved.unpack` restores at a time (whole groups, so a multiple of 8)."""
+    return max(RESTORE_CHUNK, -(-numel // (RESTORE_CHUNKS * GROUP_SIZE)) * GROUP_SIZE)
 
 
 def stores_mask(t: Tensor) -> bool:
@@ -311,12 +320,13 @@ def packed_nbytes(numel: int, bits: int, mask: bool) -> int:
 
 
 def restore_peak_bytes(numel: int, dtype: torch.dtype) -> int:
-    """The most bytes :meth:`CompressSaved.unpack` holds at once while it restores a quantized tensor of
-    ``numel`` elements: the restored tensor, plus the temporaries of one chunk of at most
-    :data:`RESTORE_CHUNK` elements -- :data:`RESTORE_TEMP_BYTES_PER_ELEMENT` per element (fp32 values,
-    their clamped and masked copies, codes and mask unpacked to bytes; measured 8-9 without a ReLU
-    mask, 13 with one: tests/test_planner_compression.py)."""
-    chunk = -(-min(numel, RESTORE_CHUNK) // GROUP_SIZE) * GROUP_SIZE
+    """The most bytes :meth:`CompressSaved.unpack` holds at once while it restores a quantized tensor
+    of ``numel`` elements: the restored tensor, plus the temporaries of one chunk
+    (:func:`restore_chunk`: 1/64 of the tensor, at least 65536 elements) --
+    :data:`RESTORE_TEMP_BYTES_PER_ELEMENT` per element (fp32 values, their clamped and masked
+    copies, codes and mask unpacked to bytes; measured 8-9 without a ReLU mask, up to 22 with one:
+    tests/test_planner_compression.py)."""
+    chunk = -(-min(numel, restore_chunk(numel)) // GROUP_SIZE) * GROUP_SIZE
     scalars = 64  # 0-dim tensors (the fill value 0.0)
     return numel * torch.empty((), dtype=dtype).element_size() + RESTORE_TEMP_BYTES_PER_ELEMENT * chunk + scalars
 

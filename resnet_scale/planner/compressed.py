@@ -98,8 +98,8 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
     The transient is found by walking the backward pass: it visits the saved tensors in reverse
     forward order; a tensor's stored form is freed once the first layer (in forward order) that
     saved it is done, so at tensor j what is alive is everything first saved at or before j, plus
-    the restored forms of j and of the tensor saved just before it (one layer's two: max-pool's
-    input and indices), plus ``recompute[j]`` (the recompute peak of the segment whose input j is).
+    the restored forms of j and of the tensor saved just before it in the forward, if that is in
+    the set (one layer's two: max-pool's input and indices), plus ``recompute[j]`` (the recompute peak of the segment whose input j is).
     The transient is the largest such sum less the stored bytes (never negative)."""
     stored: dict[tuple, int] = {}
     events = []  # (seq, key, stored bytes, restore bytes)
@@ -115,13 +115,13 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
             key, size, restore = ("storage", r1.storage), _line(r1.nbytes, r2.nbytes, b, probes), 0
         stored[key] = size
         events.append((r1.seq, key, size, restore + recompute.get(r1.seq, 0)))
-    total, alive, seen, peak, previous = sum(stored.values()), 0, set(), 0, 0
-    for _, key, size, restore in sorted(events, key=lambda e: e[0]):
+    total, alive, seen, peak, previous = sum(stored.values()), 0, set(), 0, (-2, 0)
+    for seq, key, size, restore in sorted(events, key=lambda e: e[0]):
         if key not in seen:
             seen.add(key)
             alive += size
-        peak = max(peak, alive + restore + previous)
-        previous = restore
+        peak = max(peak, alive + restore + (previous[1] if previous[0] == seq - 1 else 0))
+        previous = (seq, restore)
     return total, max(0, peak - total), sum(elements.values())
 
 
