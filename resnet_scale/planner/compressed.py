@@ -1,7 +1,7 @@
 """What a model with activation compression stores, per residual block, for the memory planner.
 
-The uncompressed profile's meta-device forwards (``profile.py``, one per probe batch) also record,
-for every tensor saved for backward (parameters and their copies left out, as the meter leaves
+The uncompressed profile's meta-device forwards (``profile.py``, one per probe batch) also record
+(``records.py``), for every tensor saved for backward (parameters and their copies left out, as the meter leaves
 them out), what decides how :class:`~resnet_scale.memory.compression.CompressSaved` stores it: its
 identity and version (a tensor saved twice is stored once), storage, elements, dtype, whether it is a
 ReLU output (1-bit mask), whether it is quantized (floating, dense) and the integer dtype it narrows
@@ -31,60 +31,24 @@ Equal, to the byte, to ``measure_saved_activation_bytes`` of the compressed mode
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
-from torch import Tensor
 
 from resnet_scale.memory.compression import (
     COMPRESSION_MODES,
     MIN_COMPRESS_NUMEL,
-    narrow_int_dtype,
     packed_nbytes,
     restore_peak_bytes,
-    stores_mask,
 )
-from resnet_scale.memory.tensors import is_dense
+from resnet_scale.planner.profile import (
+    _PROBE_BATCHES,
+    ModelKey,
+    _policy_bytes,
+    _profiles,
+    _segments,
+    activation_bytes,
+)
+from resnet_scale.planner.records import SavedRecord
 
-if TYPE_CHECKING:
-    from resnet_scale.planner.profile import ModelKey
-
-__all__ = ["SavedRecord", "compressed_activation_bytes", "record"]
-
-
-@dataclass(frozen=True)
-class SavedRecord:
-    """One saved tensor, as compression sees it (module docstring)."""
-
-    seq: int  # position in the forward's saves
-    pack: int  # index of (tensor, version) in the forward: equal for a tensor saved twice
-    storage: int  # index of its storage in the forward
-    nbytes: int  # storage bytes
-    numel: int
-    itemsize: int
-    dtype: torch.dtype
-    quantized: bool  # floating and dense: quantized when numel >= min_numel
-    narrow_itemsize: int  # > 0: an integer tensor stored in a dtype of this size
-    mask: bool
-
-
-def record(t: Tensor, packs: dict, storages: dict, seq: int) -> SavedRecord:
-    """The record of ``t`` (``packs``/``storages``: the forward's running indices, holding ``t``)."""
-    key = (id(t), t._version)
-    if key not in packs:
-        packs[key] = (len(packs), t)
-    st = t.untyped_storage()
-    if st._cdata not in storages:
-        storages[st._cdata] = (len(storages), st)
-    strided_dense = t.layout == torch.strided and is_dense(t)
-    narrow = None if t.is_floating_point() or not strided_dense else narrow_int_dtype(t)
-    return SavedRecord(
-        seq=seq, pack=packs[key][0], storage=storages[st._cdata][0], nbytes=st.nbytes(), numel=t.numel(),
-        itemsize=t.element_size(), dtype=t.dtype, quantized=t.is_floating_point() and strided_dense,
-        narrow_itemsize=torch.empty((), dtype=narrow).element_size() if narrow is not None else 0,
-        mask=stores_mask(t),
-    )
+__all__ = ["compressed_activation_bytes"]
 
 
 def _line(v1: int, v2: int, b: int, probes: tuple[int, int]) -> int:
@@ -126,13 +90,11 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
 
 
 @functools.lru_cache(maxsize=4096)
-def compressed_activation_bytes(key: "ModelKey", image_size: int, precision: str, channels_last: bool,
+def compressed_activation_bytes(key: ModelKey, image_size: int, precision: str, channels_last: bool,
                                 policy: str, micro_batch: int, compression: str) -> tuple[int, int, int, int]:
     """(saved, recompute peak, restore transient, quantized elements) of one micro-batch of the model
     ``key`` under activation ``compression`` and checkpointing ``policy`` (module docstring). The
     recompute peak is the uncompressed one (``profile.activation_bytes``)."""
-    from resnet_scale.planner.profile import _PROBE_BATCHES, _policy_bytes, _profiles, _segments, activation_bytes
-
     bits = COMPRESSION_MODES[compression]
     _, peak = activation_bytes(key, image_size, precision, channels_last, policy, micro_batch)
     p1, p2 = _profiles(key, image_size, precision, channels_last)

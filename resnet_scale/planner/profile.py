@@ -84,7 +84,7 @@ def _by_block_recorder(model: nn.Module):
     ReLU and by the average pool) is recorded in both places."""
     from resnet_scale.memory.measure import SavedStorages
 
-    from resnet_scale.planner.compressed import record
+    from resnet_scale.planner.records import record
 
     class _ByBlock(SavedStorages):
         def __init__(self, model: nn.Module) -> None:
