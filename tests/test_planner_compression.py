@@ -197,3 +197,16 @@ def test_refused_or_explicit_settings_are_kept(flag):
     plan = plan_memory(cfg, tight, device_type="cpu")
     assert not plan.fits and plan.settings["activation_compression"] == "none"
     assert plan_memory(cfg, 8 * GiB, device_type="cpu").settings["activation_compression"] == "none"
+
+
+def test_plan_command_prints_the_flag(capsys):
+    """``resnet-scale plan`` adds --activation-compression to the flags when only compression fits."""
+    from resnet_scale.cli.plan import main as plan_main
+
+    budget = smallest(search_config(), "int2")
+    argv = ["--block", "basic", "--depth", "18", "--image-size", "224", "--batch-size", "64", "--data", "synthetic",
+            "--precision", "bf16", "--device", "cpu", "--max-memory", str(budget)]
+    assert plan_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "activations saved as int2" in out and "--activation-compression int2" in out
+    assert "restore peak" in out
