@@ -59,10 +59,8 @@ Design decisions
 ``measure_saved_activation_bytes`` counts what a compressed model really stores (codes, ranges,
 masks and the tensors kept as they are) through the ``observer`` of :func:`applied_compression`.
 
-``--activation-compression`` (``MemorySettings.activation_compression``) applies it through
-``apply_memory_transforms``; the planner (``resnet_scale.planner``) can choose it. Not done yet:
-exact parts other than ReLU masks and narrowed integers (max-pool's input is quantized), and a GPU
-kernel (the quantization is plain torch ops).
+``--activation-compression`` applies it through ``apply_memory_transforms``; the planner can choose
+it. Not done yet: a GPU kernel (the quantization is plain torch ops).
 """
 
 from __future__ import annotations
@@ -327,8 +325,8 @@ def restore_peak_bytes(numel: int, dtype: torch.dtype) -> int:
     copies, codes and mask unpacked to bytes; measured 8-9 without a ReLU mask, up to 22 with one:
     tests/test_planner_compression.py)."""
     chunk = -(-min(numel, restore_chunk(numel)) // GROUP_SIZE) * GROUP_SIZE
-    scalars = 64  # 0-dim tensors (the fill value 0.0)
-    return numel * torch.empty((), dtype=dtype).element_size() + RESTORE_TEMP_BYTES_PER_ELEMENT * chunk + scalars
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return numel * itemsize + RESTORE_TEMP_BYTES_PER_ELEMENT * chunk + 64  # + 0-dim tensors (the fill 0.0)
 
 
 def _pack_bits_1(bits01: Tensor) -> Tensor:

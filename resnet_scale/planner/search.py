@@ -233,6 +233,10 @@ def _notes(ctx: PlanContext, c: Candidate, est: MemoryEstimate, given: Candidate
                else "; a bigger --max-memory or a smaller --image-size keeps micro-batches larger")
         notes.append(f"micro-batch of {c.micro_batch_size} images per device (< {BN_NOISY_MICRO_BATCH}): BatchNorm "
                      f"batch statistics get noisy (Wu & He 2018){tip}")
+    if c.activation_compression != "none" and c.activation_compression != given.activation_compression:
+        notes.append(f"--activation-compression {c.activation_compression}: chosen because no uncompressed plan fits; "
+                     "gradients become unbiased but noisier estimates (int2 most) and every step quantizes and "
+                     "restores the saved activations")
     if c.offload != "none":
         notes.append(f"--offload {c.offload} runs the optimizer on the CPU and moves state over PCIe every step: "
                      "much slower; chosen only because nothing faster fits")
