@@ -44,7 +44,8 @@ MEMORY_SETTINGS = frozenset({
     "data.synthetic_train_samples", "data.synthetic_test_samples", "data.synthetic_classes",
     "optim.momentum",  # SGD's momentum buffer (none with --momentum 0)
     "memory.precision", "memory.channels_last", "memory.checkpointing", "memory.micro_batch_size",
-    "memory.grad_accum_steps", "memory.offload_activations", "memory.compile", "memory.low_memory",
+    "memory.grad_accum_steps", "memory.offload_activations", "memory.activation_compression", "memory.compile",
+    "memory.low_memory",
     "memory.max_memory",
     "distributed.distributed", "distributed.zero_stage", "distributed.offload", "distributed.ds_config",
     "distributed.sync_bn",

@@ -161,8 +161,9 @@ class MemoryConfig:
     offload_activations: bool = _f(
         False, "Keep saved activations in pinned CPU memory (torch.autograd.graph.save_on_cpu)."
     )
-    activation_compression: Literal["none", "int8", "int4", "int2"] = _f(
-        "none", "Store activations saved for backward in 8/4/2 bits (unbiased rounding, exact ReLU masks).")
+    activation_compression: Optional[Literal["none", "int8", "int4", "int2"]] = _f(
+        None, "Store activations saved for backward in 8/4/2 bits (unbiased rounding, exact ReLU masks) "
+        "(default: none; --max-memory may choose it).")
     compile: bool = _f(False, "torch.compile the model (after checkpointing, before the accelerator) with one static "
                               "batch shape: each epoch leaves out its partial last batch; evaluation runs eagerly.")
     oom_recovery: bool = _f(
@@ -177,8 +178,9 @@ class MemoryConfig:
 
     max_memory: Optional[str] = _f(
         None, "Memory budget per device, e.g. 8GiB (2^30 B), 8GB (10^9 B), 512MiB, or auto (the GPU's free "
-        "memory): plan precision, channels_last, checkpointing and micro-batch to fit it before training "
-        "(resnet-scale plan shows the plan); the plan overrides those flags.", metavar="SIZE"
+        "memory): plan precision, channels_last, checkpointing, micro-batch and activation compression to fit "
+        "it before training (resnet-scale plan shows the plan); the plan overrides those flags given as "
+        "defaults.", metavar="SIZE"
     )
 
 

@@ -20,10 +20,20 @@ Modes (:data:`COMPRESSION_MODES`):
   is exact; the values the convolution needs are the unbiased ones above (a restored 0 of a
   positive element becomes ``finfo(dtype).tiny``: 1.2e-38 in fp32/bf16, 6.1e-5 in fp16).
 
+* **Integer tensors** (max-pool's int64 indices) of at least ``min_numel`` elements, dense, are
+  stored exactly in the narrowest signed integer dtype that holds their minimum and maximum (int8,
+  int16 or int32: ResNet-50's indices into a 112 x 112 plane fit int16, a quarter of int64) and
+  restored to their dtype and strides. Reading the minimum and maximum costs one device-to-host
+  read per such tensor (one per forward for a ResNet). On the ``meta`` device (the byte meter)
+  a tensor has no values: the range its op guarantees is used, set as the attribute
+  :data:`VALUE_RANGE_ATTR` (``measure.py`` sets it on max-pool indices: 0 .. plane size - 1, what
+  real indices reach too unless every maximum avoids the last window); without one it is kept.
+
 Kept as they are (not compressed): parameters and views or casts of them (autocast's bf16 weight
 copies are found through their autograd history; a *frozen* parameter's cast has none and is
-compressed), non-floating tensors (max-pool indices), tensors under ``min_numel`` elements
-(BatchNorm's saved mean and inverse std), and tensors that are not dense (expanded views).
+compressed), integer tensors that are small, not dense, or need int64, tensors under
+``min_numel`` elements (BatchNorm's saved mean and inverse std), and tensors that are not dense
+(expanded views).
 
 Design decisions
 ----------------
@@ -52,9 +62,8 @@ Design decisions
 ``measure_saved_activation_bytes`` counts what a compressed model really stores (codes, ranges,
 masks and the tensors kept as they are) through the ``observer`` of :func:`applied_compression`.
 
-``--activation-compression`` (``MemorySettings.activation_compression``) applies it through
-``apply_memory_transforms``. Not done yet: the planner, exact parts other than ReLU masks (max-pool indices are
-kept as saved, its input is quantized), and a GPU kernel (the quantization is plain torch ops).
+``--activation-compression`` applies it through ``apply_memory_transforms``; the planner can choose
+it. Not done yet: a GPU kernel (the quantization is plain torch ops).
 """
 
 from __future__ import annotations
@@ -76,11 +85,15 @@ __all__ = [
     "COMPRESSION_MODES",
     "GROUP_SIZE",
     "MIN_COMPRESS_NUMEL",
+    "VALUE_RANGE_ATTR",
     "CompressSaved",
     "applied_compression",
     "apply_activation_compression",
     "dequantize",
     "quantize",
+    "packed_nbytes",
+    "restore_peak_bytes",
+    "stores_mask",
 ]
 
 logger = logging.getLogger("resnet_scale")
@@ -91,6 +104,16 @@ COMPRESSION_MODES: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, 
 GROUP_SIZE = 256
 #: Saved tensors with fewer elements stay as they are (BatchNorm statistics, small heads).
 MIN_COMPRESS_NUMEL = 4096
+
+#: :meth:`CompressSaved.unpack` restores a tensor in at most RESTORE_CHUNKS pieces of at least
+#: RESTORE_CHUNK elements (whole groups): its temporaries stay a small share of the tensor.
+RESTORE_CHUNK = 2**16
+RESTORE_CHUNKS = 64
+#: Bytes of temporaries per element of a chunk being restored (:func:`restore_peak_bytes`).
+RESTORE_TEMP_BYTES_PER_ELEMENT = 24
+#: Attribute of a tensor without values (``meta``/fake) giving the (min, max) its op guarantees.
+VALUE_RANGE_ATTR = "_rs_value_range"
+_NARROW_INTS = (torch.int8, torch.int16, torch.int32)
 
 _APPLIED_ATTR = "_rs_activation_compression"
 _RELU_NODES = ("ReluBackward", "ThresholdBackward")
@@ -160,6 +183,44 @@ class _Packed:
         return [t for t in (self.codes, self.lo, self.step, self.mask) if t is not None]
 
 
+@dataclass
+class _Narrowed:
+    """An integer tensor stored exactly in a narrower integer dtype (same shape and strides)."""
+
+    values: Tensor
+    dtype: torch.dtype
+
+
+def _value_range(t: Tensor) -> tuple[int, int] | None:
+    """(min, max) of an integer tensor: read from it, or, for one without values (meta/fake),
+    the range set as :data:`VALUE_RANGE_ATTR` (None if not set)."""
+    known = getattr(t, VALUE_RANGE_ATTR, None)
+    if known is not None:
+        return known
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type == "meta" or is_fake(t):
+        return None
+    lo, hi = torch.aminmax(t.detach())
+    return int(lo), int(hi)
+
+
+def narrow_int_dtype(t: Tensor) -> torch.dtype | None:
+    """The narrowest signed integer dtype holding ``t``'s values exactly, if narrower than its own."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() == 0:
+        return None
+    span = _value_range(t)
+    if span is None:
+        return None
+    for dtype in _NARROW_INTS:
+        info = torch.iinfo(dtype)
+        if info.bits >= torch.iinfo(t.dtype).bits:
+            return None
+        if info.min <= span[0] and span[1] <= info.max:
+            return dtype
+    return None
+
+
 class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
     """``with CompressSaved(bits): loss = f(x)`` stores f's saved tensors quantized (module
     docstring). One instance per forward (it shares packs of a tensor saved twice).
@@ -185,6 +246,15 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         )
 
     def pack(self, t: Tensor) -> Any:
+        if (not t.is_floating_point() and t.layout == torch.strided and t.numel() >= self.min_numel
+                and is_dense(t)):
+            narrow = narrow_int_dtype(t)
+            if narrow is not None:
+                values = torch.empty_strided(t.shape, t.stride(), dtype=narrow, device=t.device)
+                values.copy_(t.detach())
+                if self.observer is not None:
+                    self.observer(values)
+                return _Narrowed(values, t.dtype)
         if not self.compresses(t):
             if self.observer is not None:
                 self.observer(t)
@@ -196,7 +266,7 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         flat = t.detach().as_strided((t.numel(),), (1,))
         codes, lo, step = quantize(flat, self.bits)
         mask = None
-        if t.grad_fn is not None and type(t.grad_fn).__name__.startswith(_RELU_NODES):
+        if stores_mask(t):
             nonzero = F.pad(flat != 0, (0, (-flat.numel()) % 8)).to(torch.uint8)
             mask = _pack_bits_1(nonzero)
         packed = _Packed(t.shape, t.stride(), t.dtype, t.device, self.bits, codes, lo, step, mask)
@@ -210,17 +280,56 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
     def unpack(packed: Any) -> Tensor:
         if isinstance(packed, Tensor):
             return packed
+        if isinstance(packed, _Narrowed):
+            return packed.values.to(packed.dtype)  # preserve_format: same strides (dense)
         p: _Packed = packed
         n = 1
         for s in p.shape:
             n *= s
-        values = dequantize(p.codes, p.lo, p.step, p.bits, n)
-        if p.mask is not None:
-            nonzero = _unpack_bits_1(p.mask)[:n].bool()
-            values = torch.where(nonzero, values.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
         out = torch.empty_strided(p.shape, p.stride, dtype=p.dtype, device=p.device)
-        out.as_strided((n,), (1,)).copy_(values)
+        flat = out.as_strided((n,), (1,))
+        per_group = GROUP_SIZE * p.bits // 8  # code bytes per group
+        chunk = restore_chunk(n)
+        for start in range(0, n, chunk):  # bounded fp32 temporaries (restore_peak_bytes)
+            stop = min(n, start + chunk)
+            g0, g1 = start // GROUP_SIZE, -(-stop // GROUP_SIZE)
+            values = dequantize(p.codes[g0 * per_group:g1 * per_group], p.lo[g0:g1], p.step[g0:g1], p.bits,
+                                stop - start)
+            if p.mask is not None:
+                nonzero = _unpack_bits_1(p.mask[start // 8:-(-stop // 8)])[:stop - start].bool()
+                values = torch.where(nonzero, values.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+            flat[start:stop].copy_(values)
+            values = nonzero = None  # free this chunk's temporaries before the next one's
         return out
+
+
+def restore_chunk(numel: int) -> int:
+    """Elements :meth:`CompressSaved.unpack` restores at a time (whole groups, so a multiple of 8)."""
+    return max(RESTORE_CHUNK, -(-numel // (RESTORE_CHUNKS * GROUP_SIZE)) * GROUP_SIZE)
+
+
+def stores_mask(t: Tensor) -> bool:
+    """Whether a compressed ``t`` also stores a 1-bit non-zero mask (a ReLU's output)."""
+    return t.grad_fn is not None and type(t.grad_fn).__name__.startswith(_RELU_NODES)
+
+
+def packed_nbytes(numel: int, bits: int, mask: bool) -> int:
+    """Bytes :meth:`CompressSaved.pack` stores for a quantized tensor of ``numel`` elements: codes
+    (padded to whole groups), an fp32 minimum and step per group, and the mask if any."""
+    groups = -(-numel // GROUP_SIZE)
+    return groups * GROUP_SIZE * bits // 8 + 8 * groups + (-(-numel // 8) if mask else 0)
+
+
+def restore_peak_bytes(numel: int, dtype: torch.dtype) -> int:
+    """The most bytes :meth:`CompressSaved.unpack` holds at once while it restores a quantized tensor
+    of ``numel`` elements: the restored tensor, plus the temporaries of one chunk
+    (:func:`restore_chunk`: 1/64 of the tensor, at least 65536 elements) --
+    :data:`RESTORE_TEMP_BYTES_PER_ELEMENT` per element (fp32 values, their clamped and masked
+    copies, codes and mask unpacked to bytes; measured 8-9 without a ReLU mask, up to 22 with one:
+    tests/test_planner_compression.py)."""
+    chunk = -(-min(numel, restore_chunk(numel)) // GROUP_SIZE) * GROUP_SIZE
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return numel * itemsize + RESTORE_TEMP_BYTES_PER_ELEMENT * chunk + 64  # + 0-dim tensors (the fill 0.0)
 
 
 def _pack_bits_1(bits01: Tensor) -> Tensor:

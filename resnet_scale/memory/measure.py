@@ -29,7 +29,9 @@ in fp32; a small dispatch mode restores fp32, so the meta figure equals a real C
 byte (tests/test_memory_cost.py).
 
 With activation compression applied (``compression.py``), the figure is what the compressed
-model stores: codes, per-group ranges, ReLU masks and the tensors it keeps as they are.
+model stores: codes, per-group ranges, ReLU masks, narrowed integer tensors (max-pool indices:
+on the meta device their dtype comes from the range max-pool guarantees, see
+``_BatchNormStatsInFloat32``) and the tensors it keeps as they are.
 
 With activation checkpointing applied, the figure is what is stored *outside* recomputation:
 each checkpointed segment's saved input (non-reentrant ``checkpoint`` saves it through the same
@@ -61,7 +63,7 @@ from .checkpointing import (
     applied_checkpointing,
     segments,
 )
-from .compression import _remove_activation_compression, applied_compression
+from .compression import VALUE_RANGE_ATTR, _remove_activation_compression, applied_compression
 from .tensors import copy_chain_leaf
 
 __all__ = [
@@ -76,11 +78,22 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _BATCH_NORM_OPS = ("native_batch_norm", "_native_batch_norm_legit")
 
 
+_MAX_POOL_OPS = ("max_pool2d_with_indices", "max_pool3d_with_indices")
+
+
 class _BatchNormStatsInFloat32(TorchDispatchMode):
-    """On fake tensors, give BatchNorm's saved mean/invstd the dtype real kernels give them."""
+    """On fake tensors, give BatchNorm's saved mean/invstd the dtype real kernels give them, and
+    give max-pool's indices the value range they have on real tensors (0 .. input plane size - 1,
+    as ``compression.VALUE_RANGE_ATTR``: a compressed model stores them in the narrowest integer
+    dtype that holds it)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in _MAX_POOL_OPS and isinstance(out, tuple) and len(out) == 2:
+            plane = 1
+            for size in args[0].shape[-(2 if "2d" in func.overloadpacket.__name__ else 3):]:
+                plane *= size
+            setattr(out[1], VALUE_RANGE_ATTR, (0, plane - 1))
         if (
             func.overloadpacket.__name__ in _BATCH_NORM_OPS
             and args[0].dtype in _LOW_PRECISION

@@ -118,7 +118,7 @@ def resolve_memory(cfg: Config, *, world_size: int, device_type: str) -> MemoryS
         )
     if m.checkpoint_impl == "fairscale" and policy == "none":
         raise ConfigError("--checkpoint-impl fairscale needs an --activation-checkpointing policy other than none.")
-    compression = m.activation_compression
+    compression = m.activation_compression or "none"
     if compression != "none" and m.offload_activations:
         raise ConfigError(f"--activation-compression {compression} and --offload-activations both keep the saved "
                           "activations (the compressed ones would not be offloaded); give one of them.")

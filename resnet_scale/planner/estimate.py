@@ -24,7 +24,10 @@ saved activation is still alive and gradients are being written):
   with the actual model (block, depth, stem, classes), image size, precision, channels_last and
   checkpointing policy; ``recompute_peak`` -- what the largest checkpointed segment saves while it
   is recomputed (``measure_segment_peak_bytes``). See ``profile.py`` (:class:`_Profile`) for how
-  both are derived from one measured forward per batch size, and why that is exact.
+  both are derived from one measured forward per batch size, and why that is exact. With
+  ``--activation-compression`` it is what the compressed model stores (``compressed.py``).
+* ``restore_peak`` -- with activation compression: what the backward pass holds while it restores
+  compressed activations (the two largest at full size, plus one restore chunk's temporaries).
 * ``input_batch`` -- the per-device batch the loader yields (float32 images + int64 labels);
   micro-batches are views of it, so it is alive for the whole step. (In fp32 the first conv also
   saves its micro-batch input, so ``activations`` counts that micro-batch a second time: a
@@ -40,14 +43,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from resnet_scale.config import Config, ConfigError
+from resnet_scale.planner.dataset import _num_classes, dataset_device_bytes  # noqa: F401 (re-exported)
 from resnet_scale.planner.profile import ModelFacts, ModelKey, activation_bytes, model_facts
-from resnet_scale.planner.units import GiB, MiB, format_bytes
+from resnet_scale.planner.units import MiB, format_bytes
 
 #: Workspace allowance = max(WORKSPACE_MIN_BYTES, WORKSPACE_FRACTION x everything else): cuDNN
 #: convolution workspaces, the caching allocator's 512 B / 2 MiB rounding and fragmentation.
@@ -58,11 +61,6 @@ WORKSPACE_STATUS = "uncalibrated allowance (max(256 MiB, 10% of the rest)); GPU 
 
 #: Images per device below which BatchNorm's batch statistics get noisy (Wu & He 2018, Fig. 1).
 BN_NOISY_MICRO_BATCH = 16
-
-#: Sizes of the sources' splits (train, test), for the device-resident dataset.
-_SPLIT_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "digits": (1_437, 360)}
-_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
-
 
 # ----------------------------------------------------------------------------- model states
 
@@ -154,41 +152,6 @@ def _comm_bucket_bytes(engine: str, stage: int, world_size: int, num_params: int
     return int(size) * 4 * (2 if overlap is True else 1)
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _num_classes(cfg: Config) -> int:
-    d = cfg.data
-    if d.source == "synthetic":
-        return d.synthetic_classes
-    if d.source == "imagefolder":
-        train = Path(d.data_dir or ".") / "train"
-        n = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 0
-        return n or 10
-    return _CLASSES[d.source]
-
-
-def dataset_device_bytes(cfg: Config) -> tuple[int, str]:
-    """(bytes the device-resident loader holds on each device, how it was found)."""
-    d, size = cfg.data, cfg.image_size()
-    if d.source == "imagefolder":
-        if d.in_memory == "no":
-            return 0, "image folder streamed (--in-memory no)"
-        from resnet_scale.data import estimate_imagefolder_bytes
-
-        images = estimate_imagefolder_bytes(d.data_dir, size)
-        if d.in_memory == "auto" and images > d.in_memory_limit_gib * GiB:
-            return 0, f"image folder streamed ({format_bytes(images)} > --in-memory-limit-gib {d.in_memory_limit_gib})"
-        count = images // (3 * size * size)
-        return images + 8 * count, f"image folder held on the device ({count} images)"
-    if d.source == "synthetic":
-        n_train, n_test = d.synthetic_train_samples, d.synthetic_test_samples
-    else:
-        n_train, n_test = _SPLIT_SIZES[d.source]
-    count = n_train + n_test
-    return count * (3 * size * size + 8), f"{d.source}: {n_train:,} + {n_test:,} images at {size} px, uint8"
-
-
 # ----------------------------------------------------------------------------- the estimate
 
 
@@ -202,6 +165,7 @@ class MemoryEstimate:
     autocast_weight_copies: int
     activations: int
     recompute_peak: int
+    restore_peak: int
     input_batch: int
     dataset: int
     workspace: int
@@ -209,7 +173,7 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
 
     LINES = ("parameters", "gradients", "optimizer_states", "autocast_weight_copies", "activations",
-             "recompute_peak", "input_batch", "dataset", "workspace")
+             "recompute_peak", "restore_peak", "input_batch", "dataset", "workspace")
 
     @property
     def model_states(self) -> int:
@@ -255,6 +219,7 @@ class Candidate:
     zero_stage: int = 0
     offload: str = "none"
     offload_activations: bool = False
+    activation_compression: str = "none"
 
     @property
     def accumulation_steps(self) -> int:
@@ -265,6 +230,8 @@ class Candidate:
         if self.checkpointing != "none":
             parts.append(f"checkpointing={self.checkpointing}")
         m, acc, per_device = self.micro_batch_size, self.accumulation_steps, self.per_device_batch
+        if self.activation_compression != "none":
+            parts.append(f"activations saved as {self.activation_compression}")
         parts.append(f"micro-batch {m} x {acc} = {per_device}/device")
         if self.engine == "deepspeed":
             parts.append(f"ZeRO-{self.zero_stage}" + (f" offload {self.offload}" if self.offload != "none" else ""))
@@ -337,8 +304,16 @@ def estimate_candidate(ctx: PlanContext, c: Candidate) -> MemoryEstimate:
         bucket_bytes=_comm_bucket_bytes(c.engine, c.zero_stage, ctx.world_size, f.num_params,
                                         ctx.zero_config(c.zero_stage) if c.engine == "deepspeed" else {}),
     )
-    acts, peak = activation_bytes(ctx.key, ctx.image_size, c.precision, c.channels_last, c.checkpointing,
-                                  c.micro_batch_size)
+    restore = 0
+    if c.activation_compression == "none":
+        acts, peak = activation_bytes(ctx.key, ctx.image_size, c.precision, c.channels_last, c.checkpointing,
+                                      c.micro_batch_size)
+    else:
+        from resnet_scale.planner.compressed import compressed_activation_bytes
+
+        acts, peak, restore, _ = compressed_activation_bytes(ctx.key, ctx.image_size, c.precision, c.channels_last,
+                                                             c.checkpointing, c.micro_batch_size,
+                                                             c.activation_compression)
     notes = []
     if c.offload_activations and ctx.device_type == "cpu":
         notes.append("--offload-activations changes nothing on a CPU run: the activations are in CPU memory")
@@ -353,6 +328,7 @@ def estimate_candidate(ctx: PlanContext, c: Candidate) -> MemoryEstimate:
         autocast_weight_copies=2 * f.autocast_params if c.precision in ("bf16", "fp16") else 0,
         activations=acts,
         recompute_peak=peak,
+        restore_peak=restore,
         input_batch=c.per_device_batch * (3 * size * size * 4 + 8),
         dataset=ctx.dataset,
         workspace=0,
@@ -383,7 +359,7 @@ def given_candidate(cfg: Config, world_size: int, device_type: str) -> Candidate
 
         stage, offload, _ = resolve_stage_and_offload(cfg)
     return Candidate(m.precision, m.channels_last, m.checkpointing, m.micro_batch_size, m.per_device_batch,
-                     engine, stage, offload, m.offload_activations)
+                     engine, stage, offload, m.offload_activations, m.activation_compression)
 
 
 def estimate_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda") -> MemoryEstimate:

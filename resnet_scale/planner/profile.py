@@ -16,7 +16,7 @@ batches give every other batch size exactly. ``estimate.py`` turns these into th
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -53,6 +53,11 @@ class _Profile:
     block_flops: int = 0
     forward_flops: int = 0
     backward_flops: int = 0
+    #: the saved tensors as activation compression sees them (``compressed.py``), in forward order:
+    #: the stem and head's, each block's, and each block's input.
+    records_outside: list = field(default_factory=list)
+    records_blocks: list = field(default_factory=list)
+    records_inputs: list = field(default_factory=list)
 
     def saved(self, segs: list[list[int]]) -> tuple[int, list[int]]:
         """(saved bytes, per-segment recompute bytes) for segments ``segs`` ([] = no checkpointing)."""
@@ -79,10 +84,16 @@ def _by_block_recorder(model: nn.Module):
     ReLU and by the average pool) is recorded in both places."""
     from resnet_scale.memory.measure import SavedStorages
 
+    from resnet_scale.planner.records import record
+
     class _ByBlock(SavedStorages):
         def __init__(self, model: nn.Module) -> None:
             super().__init__(model)
             self.outside: dict[int, torch.UntypedStorage] = {}
+            self.records: dict[Optional[int], list] = {}  # group -> records (compressed.py)
+            self.by_tensor: dict[int, object] = {}  # id(tensor) -> its latest record
+            self._packs: dict = {}
+            self._storages: dict = {}
 
         def pack(self, t: torch.Tensor) -> torch.Tensor:
             st = t.untyped_storage()
@@ -92,6 +103,9 @@ def _by_block_recorder(model: nn.Module):
             self.storages[key] = st
             target = self.outside if self.current is None else self.groups.setdefault(self.current, {})
             target[key] = st
+            r = record(t, self._packs, self._storages, sum(map(len, self.records.values())))
+            self.records.setdefault(self.current, []).append(r)
+            self.by_tensor[id(t)] = r
             return t
 
     return _ByBlock(model)
@@ -130,11 +144,13 @@ def _measure_profiles(model: nn.Module, batches: tuple[int, ...], image_size: in
 def _profile_one(work: nn.Module, x: torch.Tensor, names: list[str], modules: dict) -> _Profile:
     rec = _by_block_recorder(work)
     inputs: dict[int, torch.UntypedStorage] = {}
+    input_tensors: dict[int, torch.Tensor] = {}
     flops = {"forward": 0, "backward": 0, "blocks": 0}
 
     def enter(module, args, i):
         rec.current = i
         inputs[i] = args[0].untyped_storage()
+        input_tensors[i] = args[0]
 
     def leave(module, args, output):
         rec.current = None
@@ -167,6 +183,9 @@ def _profile_one(work: nn.Module, x: torch.Tensor, names: list[str], modules: di
         block_flops=flops["blocks"],
         forward_flops=flops["forward"],
         backward_flops=flops["backward"],
+        records_outside=rec.records.get(None, []),
+        records_blocks=[rec.records.get(i, []) for i in range(len(names))],
+        records_inputs=[rec.by_tensor[id(input_tensors[i])] for i in range(len(names))],
     )
 
 
@@ -232,6 +251,15 @@ def model_facts(key: ModelKey, image_size: int) -> ModelFacts:
         backward_flops_per_image=p.backward_flops / b,
         block_forward_flops_per_image=p.block_flops / b,
     )
+
+
+def _segments(key: ModelKey, policy: str) -> list[list[int]]:
+    """``policy``'s segments of the model ``key`` as lists of block indices ([] = none)."""
+    from resnet_scale.memory.checkpointing import segments
+
+    model = _cached_model(key)
+    index = {s[0]: i for i, s in enumerate(segments(model, "block"))}
+    return [[index[n] for n in seg] for seg in segments(model, policy)]
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,6 +1,7 @@
 """Find the fastest memory settings that fit a budget (``plan_memory``) and apply them (``apply_plan``).
 
-The search is exhaustive over a small space, so a bigger budget can never give a slower plan:
+The search is exhaustive over a small space, so a bigger budget can never give a slower plan
+with the same activation compression, nor a stronger compression:
 
 * precision -- the user's if given; else bf16 and fp32 (bf16 assumed supported when planning for
   a GPU from a machine without one; fp16 instead of bf16 on a real GPU without bf16, DDP only);
@@ -8,28 +9,18 @@ The search is exhaustive over a small space, so a bigger budget can never give a
 * micro-batch -- every divisor of the per-device batch (the global batch is always kept);
 * checkpointing -- none, block, sqrt, stage (and the user's policy);
 * ZeRO stage 0-3 and offload -- only with world_size > 1 and no engine settings given; else the
-  engine as configured.
+  engine as configured;
+* activation compression -- the user's ``--activation-compression`` if given (``none`` too);
+  else none, int8, int4, int2; only none with ``--offload-activations`` or ``--compile``, which
+  refuse compression.
 
 Each point gets a predicted peak (``estimate_candidate``) and a predicted step time (the time
-model below); the plan is the fastest point that fits, ties going to fewer changed flags, then
+model, ``timing.py``: :func:`predicted_step_seconds`); the plan is the point that fits with the
+mildest activation compression (none whenever anything uncompressed fits: compression costs
+gradient accuracy as well as time), then the fastest, ties going to fewer changed flags, then
 to the larger micro-batch, then to the smaller peak. Memory figures come from two cached
-meta-device forwards per precision, so a plan for ResNet-152 takes a few seconds.
-
-Time model (per optimizer step on one device; a reference GPU, NOT calibrated -- only ratios
-between plans are used, reported relative to the settings as given):
-
-* compute = images x (forward + backward [+ one more forward of every residual block when any
-  checkpointing policy is on: each policy recomputes every block once]) FLOPs / FLOP rate, bf16
-  twice as fast as fp32 (TF32) on a GPU, half as fast on a CPU;
-* each micro-batch costs as much again as ``MICRO_BATCH_OVERHEAD_IMAGES`` (16) more images plus a
-  fixed launch cost: GPU efficiency m / (m + 16) -- 67 % at 32 images, 50 % at 16 (on a CPU,
-  4 images and 2 ms);
-* gradient communication (world_size > 1): an all-reduce per step (DDP, ZeRO-1), a
-  reduce-scatter per micro-batch (ZeRO-2), and parameter all-gathers per micro-batch (ZeRO-3);
-  DeepSpeed's engine costs ``DEEPSPEED_OVERHEAD`` (5 %) of compute, so ZeRO is only chosen when it
-  is needed to fit;
-* offload moves gradients and weights over PCIe each step and runs SGD on the CPU (parameter
-  offload: weights over PCIe for every micro-batch) -- a large penalty, a last resort.
+meta-device forwards per precision and layout (compressed sizes are derived from the same
+forwards: ``compressed.py``), so a plan for ResNet-152 takes a few seconds.
 """
 
 from __future__ import annotations
@@ -51,11 +42,14 @@ from resnet_scale.planner.estimate import (
     estimate_candidate,
     given_candidate,
 )
+from resnet_scale.planner.timing import predicted_step_seconds
 from resnet_scale.planner.units import format_bytes, parse_bytes
 
 __all__ = ["Plan", "apply_plan", "plan_for_training", "plan_memory", "predicted_step_seconds"]
 
 _POLICIES = ("none", "block", "sqrt", "stage")
+#: Activation compression, mildest first: the search prefers the first that fits.
+_COMPRESSIONS = ("none", "int8", "int4", "int2")
 _ENGINES = (
     ("ddp", 0, "none"),
     ("deepspeed", 1, "none"),
@@ -66,58 +60,6 @@ _ENGINES = (
     ("deepspeed", 3, "optimizer"),
     ("deepspeed", 3, "optimizer+params"),
 )
-
-
-@dataclass(frozen=True)
-class DeviceModel:
-    """Reference throughputs of the time model (uncalibrated; see the module docstring)."""
-
-    flops: dict  # effective FLOP/s by precision
-    launch_s: float  # fixed cost of one micro-batch's forward + backward
-    overhead_images: int  # each micro-batch costs as if it held this many more images
-    memory_bytes_per_s: float  # device memory bandwidth (optimizer step)
-    pcie_bytes_per_s: float = 20e9
-    host_optimizer_bytes_per_s: float = 10e9  # SGD on the CPU, bytes of state touched per second
-    interconnect_bytes_per_s: float = 100e9  # per device, for collectives
-
-
-MICRO_BATCH_OVERHEAD_IMAGES = 16
-DEEPSPEED_OVERHEAD = 0.05
-REFERENCE_DEVICES = {
-    "cuda": DeviceModel({"fp32": 100e12, "bf16": 200e12, "fp16": 200e12}, 1e-3, MICRO_BATCH_OVERHEAD_IMAGES, 2e12),
-    "cpu": DeviceModel({"fp32": 1e12, "bf16": 0.5e12, "fp16": 0.25e12}, 2e-3, 4, 20e9),
-}
-
-
-def predicted_step_seconds(ctx: PlanContext, c: Candidate) -> float:
-    """Seconds per optimizer step on the reference device (time model in the module docstring)."""
-    f, dev, n = ctx.facts, REFERENCE_DEVICES[ctx.device_type], ctx.world_size
-    rate = dev.flops[c.precision]
-    per_image = f.forward_flops_per_image + f.backward_flops_per_image
-    recompute = f.block_forward_flops_per_image if c.checkpointing != "none" else 0.0
-    compute = c.per_device_batch * (per_image + recompute) / rate
-    acc = c.accumulation_steps
-    t = compute + acc * (dev.overhead_images * per_image / rate + dev.launch_s)
-    grad_bytes = f.num_params * 4
-    zero = c.engine == "deepspeed" and c.zero_stage >= 1
-    if zero:
-        t += DEEPSPEED_OVERHEAD * compute
-    if zero and c.offload != "none":
-        t += 2 * grad_bytes / dev.pcie_bytes_per_s + 4 * grad_bytes / dev.host_optimizer_bytes_per_s
-        if c.offload == "optimizer+params":
-            t += acc * 2 * grad_bytes / dev.pcie_bytes_per_s
-    else:
-        local = grad_bytes / n if zero else grad_bytes
-        t += 4 * local / dev.memory_bytes_per_s  # SGD reads weights, grads, momentum; writes two
-    if n > 1:
-        ring = grad_bytes * (n - 1) / n / dev.interconnect_bytes_per_s
-        if not zero or c.zero_stage == 1:
-            t += 2 * ring
-        elif c.zero_stage == 2:
-            t += acc * ring + ring
-        else:
-            t += acc * 3 * ring
-    return t
 
 
 @dataclass
@@ -191,6 +133,24 @@ def _candidates(ctx: PlanContext, given: Candidate) -> list[Candidate]:
     per_device = given.per_device_batch
     micros = [d for d in range(per_device, 0, -1) if per_device % d == 0]
     out = []
+    for compression in _compressions(m):
+        out += [dataclasses.replace(c, activation_compression=compression)
+                for c in _settings(ctx, given, precisions, policies, micros, engines)]
+    return out
+
+
+def _compressions(m) -> list[str]:
+    """The user's --activation-compression if given; none only with --offload-activations or
+    --compile (resolve_memory refuses compression with either); else all of them."""
+    if m.activation_compression is not None:
+        return [m.activation_compression]
+    if m.offload_activations or m.compile:
+        return ["none"]
+    return list(_COMPRESSIONS)
+
+
+def _settings(ctx: PlanContext, given: Candidate, precisions, policies, micros, engines) -> list[Candidate]:
+    m, per_device, out = ctx.cfg.memory, given.per_device_batch, []
     for precision in precisions:
         if m.channels_last is not None:
             cl = m.channels_last
@@ -208,7 +168,8 @@ def _candidates(ctx: PlanContext, given: Candidate) -> list[Candidate]:
 
 def _changes(c: Candidate, given: Candidate) -> int:
     return sum(getattr(c, k) != getattr(given, k) for k in (
-        "precision", "channels_last", "checkpointing", "micro_batch_size", "engine", "zero_stage", "offload"))
+        "precision", "channels_last", "checkpointing", "micro_batch_size", "engine", "zero_stage", "offload",
+        "activation_compression"))
 
 
 def _flags(c: Candidate, given: Candidate, accumulate: bool = False) -> list[str]:
@@ -234,6 +195,8 @@ def _flags(c: Candidate, given: Candidate, accumulate: bool = False) -> list[str
         out += [flag(DistributedConfig, "zero_stage"), str(c.zero_stage)]
     if c.offload != given.offload:
         out += [flag(DistributedConfig, "offload"), c.offload]
+    if c.activation_compression != given.activation_compression:
+        out += [flag(MemoryConfig, "activation_compression"), c.activation_compression]
     return out
 
 
@@ -270,6 +233,10 @@ def _notes(ctx: PlanContext, c: Candidate, est: MemoryEstimate, given: Candidate
                else "; a bigger --max-memory or a smaller --image-size keeps micro-batches larger")
         notes.append(f"micro-batch of {c.micro_batch_size} images per device (< {BN_NOISY_MICRO_BATCH}): BatchNorm "
                      f"batch statistics get noisy (Wu & He 2018){tip}")
+    if c.activation_compression != "none" and c.activation_compression != given.activation_compression:
+        notes.append(f"--activation-compression {c.activation_compression}: chosen because no uncompressed plan fits; "
+                     "gradients become unbiased but noisier estimates (int2 most) and every step quantizes and "
+                     "restores the saved activations")
     if c.offload != "none":
         notes.append(f"--offload {c.offload} runs the optimizer on the CPU and moves state over PCIe every step: "
                      "much slower; chosen only because nothing faster fits")
@@ -297,13 +264,14 @@ def plan_memory(cfg: Config, budget_bytes: int, *, world_size: int = 1, device_t
     for c in _candidates(ctx, given):
         est = estimate_candidate(ctx, c)
         rel = predicted_step_seconds(ctx, c) / base_time
-        scored.append((round(rel, 9), _changes(c, given), -c.micro_batch_size, est.total, c, est))
-    fitting = [s for s in scored if s[3] <= budget_bytes]
+        level = _COMPRESSIONS.index(c.activation_compression)
+        scored.append((level, round(rel, 9), _changes(c, given), -c.micro_batch_size, est.total, c, est))
+    fitting = [s for s in scored if s[4] <= budget_bytes]
     if fitting:
-        rel, _, _, _, best, est = min(fitting, key=lambda s: s[:4])
+        _, rel, _, _, _, best, est = min(fitting, key=lambda s: s[:5])
         smallest = None
     else:
-        _, _, _, _, best, est = min(scored, key=lambda s: (s[3], s[0], s[1], s[2]))
+        _, _, _, _, _, best, est = min(scored, key=lambda s: (s[4], s[1], s[2], s[3]))
         rel, smallest = round(predicted_step_seconds(ctx, best) / base_time, 9), est.total
     return Plan(
         fits=bool(fitting),
@@ -350,6 +318,7 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
     out.memory.checkpointing = s["checkpointing"]
     out.memory.micro_batch_size = s["micro_batch_size"]
     out.memory.grad_accum_steps = None  # the plan's micro-batch replaces its alternative
+    out.memory.activation_compression = s["activation_compression"]
     if s["engine"] == "deepspeed" and out.engine() != "deepspeed" or "--zero-stage" in plan.flags:
         out.distributed.zero_stage = s["zero_stage"]
     if "--offload" in plan.flags:
