@@ -36,6 +36,7 @@ for p in (HERE, ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 import resnet_scale.memory.compression as compression  # noqa: E402
+import resnet_scale.memory.quantize as quantize  # noqa: E402
 from compression_gradients import Spec, machine  # noqa: E402
 from resnet_scale.memory import apply_activation_compression  # noqa: E402
 
@@ -139,39 +140,38 @@ def parts(shape: tuple[int, ...]) -> list[dict]:
     torch.manual_seed(0)
     t = torch.relu(torch.randn(shape, requires_grad=True))  # a ReluBackward output: masked
     flat, n, G = t.detach().view(-1), t.numel(), compression.GROUP_SIZE
-    groups, tiny = flat.view(-1, G), torch.finfo(torch.float32).tiny
+    groups = flat.view(-1, G)
     rows = [("plain copy of the tensor (one read, one write: the floor)", lambda: flat.clone())]
     for bits in (8, 2):
         packed = compression.CompressSaved(bits).pack(t)
         rows += [(f"int{bits} pack (whole hook: quantize + mask)", lambda b=bits: compression.CompressSaved(b).pack(t)),
                  (f"int{bits} unpack (whole hook: dequantize + mask + copy)",
                   lambda p=packed: compression.CompressSaved.unpack(p))]
-    codes, lo, step = compression.quantize(flat, 8)
+    codes, lo, step = quantize.quantize(flat, 8)
     noise = torch.rand_like(groups)
-    q = compression._unpack_bits(codes, 8)
-    values = compression.dequantize(codes, lo, step, 8, n)
+    q = quantize.unpack_bits(codes, 8)
+    values = quantize.dequantize(codes, lo, step, 8, n)
     bits01 = F.pad(flat != 0, (0, (-n) % 8)).to(torch.uint8)
-    mask = compression._pack_bits_1(bits01)
-    nonzero = compression._unpack_bits_1(mask)[:n].bool()
-    masked = torch.where(nonzero, values.clamp_min(tiny), 0.0)
+    mask = quantize.pack_bits(bits01, 1)
+    masked = quantize.restore_relu_(values.clone(), mask, torch.float32)
     rows += [
         ("└ pack: F.pad(flat.float(), ...) (copies even when nothing is padded)",
          lambda: F.pad(flat.float(), (0, 0))),
         ("└ pack: amin + amax per group", lambda: (groups.amin(1, keepdim=True), groups.amax(1, keepdim=True))),
         ("└ pack: torch.rand_like (one fp32 uniform per element)", lambda: torch.rand_like(groups)),
-        ("└ pack: ((x - lo) / step + noise).floor_().clamp_().to(uint8)",
-         lambda: ((groups - lo) / step + noise).floor_().clamp_(0, 255).to(torch.uint8)),
+        ("└ pack: (x - lo).div_(step).add_(noise).floor_().clamp_().to(uint8)",
+         lambda: groups.sub(lo).div_(step).add_(noise).floor_().clamp_(0, 255).to(torch.uint8)),
         ("└ pack: mask bits: F.pad(flat != 0, ...).to(uint8)",
          lambda: F.pad(flat != 0, (0, (-n) % 8)).to(torch.uint8)),
-        ("└ pack: _pack_bits_1 (shift, sum over 8)", lambda: compression._pack_bits_1(bits01)),
+        ("└ pack: pack_bits(mask, 1)", lambda: quantize.pack_bits(bits01, 1)),
         ("└ unpack: lo + q.float() * step", lambda: (lo + q.view(-1, G).float() * step).view(-1)[:n]),
-        ("└ unpack: _unpack_bits_1(mask)[:n].bool()", lambda: compression._unpack_bits_1(mask)[:n].bool()),
-        ("└ unpack: torch.where(nonzero, values.clamp_min(tiny), 0.0)",
-         lambda: torch.where(nonzero, values.clamp_min(tiny), 0.0)),
+        ("└ unpack: unpack_bits(mask, 1)", lambda: quantize.unpack_bits(mask, 1)[:n]),
+        ("└ unpack: restore_relu_ (mask unpacked, max(v, tiny) * mask, in place)",
+         lambda: quantize.restore_relu_(values.clone(), mask, torch.float32)),
         ("└ unpack: empty_strided + copy_", lambda: torch.empty_strided(t.shape, t.stride()).as_strided(
             (n,), (1,)).copy_(masked)),
-        ("int2 only: _pack_bits", lambda: compression._pack_bits(q, 2)),
-        ("int2 only: _unpack_bits", lambda: compression._unpack_bits(compression._pack_bits(q.clamp(0, 3), 2), 2)),
+        ("int2 only: pack_bits", lambda: quantize.pack_bits(q.clamp(0, 3), 2)),
+        ("int2 only: unpack_bits", lambda: quantize.unpack_bits(quantize.pack_bits(q.clamp(0, 3), 2), 2)),
     ]
     return [{"part": name, "ms": _time(fn), "numel": n} for name, fn in rows]
 

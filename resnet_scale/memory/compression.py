@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quantize import GROUP_SIZE, dequantize, pack_bits, quantize, restore_relu_
 from .tensors import copy_chain_leaf, is_dense, is_parameter
 
 __all__ = [
@@ -100,8 +101,6 @@ logger = logging.getLogger("resnet_scale")
 
 #: mode -> bits per stored element (``none``: not compressed).
 COMPRESSION_MODES: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "int2": 2}
-#: Consecutive elements (in memory order) that share one minimum and step.
-GROUP_SIZE = 256
 #: Saved tensors with fewer elements stay as they are (BatchNorm statistics, small heads).
 MIN_COMPRESS_NUMEL = 4096
 
@@ -120,46 +119,6 @@ _RELU_NODES = ("ReluBackward", "ThresholdBackward")
 
 
 # ----------------------------------------------------------------------------- quantization
-
-
-def _pack_bits(q: Tensor, bits: int) -> Tensor:
-    """uint8 codes < 2**bits, numel a multiple of 8 // bits -> 8 // bits codes per byte."""
-    per_byte = 8 // bits
-    if per_byte == 1:
-        return q
-    q = q.view(-1, per_byte)
-    out = q[:, 0].clone()
-    for i in range(1, per_byte):
-        out |= q[:, i] << (bits * i)
-    return out
-
-
-def _unpack_bits(packed: Tensor, bits: int) -> Tensor:
-    per_byte = 8 // bits
-    if per_byte == 1:
-        return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)
-
-
-def quantize(flat: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stochastically rounded ``bits``-bit codes of the 1-D tensor ``flat`` in groups of
-    :data:`GROUP_SIZE`: (packed uint8 codes, per-group minimum, per-group step), fp32 ranges."""
-    n = flat.numel()
-    groups = F.pad(flat.float(), (0, (-n) % GROUP_SIZE)).view(-1, GROUP_SIZE)
-    lo = groups.amin(1, keepdim=True)
-    levels = 2**bits - 1
-    step = (groups.amax(1, keepdim=True) - lo) / levels
-    step = torch.where(step > 0, step, torch.ones_like(step))
-    noise = torch.rand_like(groups)
-    q = ((groups - lo) / step + noise).floor_().clamp_(0, levels).to(torch.uint8)
-    return _pack_bits(q.view(-1), bits), lo, step
-
-
-def dequantize(packed: Tensor, lo: Tensor, step: Tensor, bits: int, n: int) -> Tensor:
-    """The fp32 values of :func:`quantize`'s output, first ``n`` elements, 1-D."""
-    q = _unpack_bits(packed, bits).view(-1, GROUP_SIZE)
-    return (lo + q.float() * step).view(-1)[:n]
 
 
 def _is_parameter_or_copy(t: Tensor) -> bool:
@@ -268,7 +227,7 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         mask = None
         if stores_mask(t):
             nonzero = F.pad(flat != 0, (0, (-flat.numel()) % 8)).to(torch.uint8)
-            mask = _pack_bits_1(nonzero)
+            mask = pack_bits(nonzero, 1)
         packed = _Packed(t.shape, t.stride(), t.dtype, t.device, self.bits, codes, lo, step, mask)
         self._shared[id(t)] = (weakref.ref(t), t._version, packed)
         if self.observer is not None:
@@ -296,10 +255,9 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
             values = dequantize(p.codes[g0 * per_group:g1 * per_group], p.lo[g0:g1], p.step[g0:g1], p.bits,
                                 stop - start)
             if p.mask is not None:
-                nonzero = _unpack_bits_1(p.mask[start // 8:-(-stop // 8)])[:stop - start].bool()
-                values = torch.where(nonzero, values.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+                restore_relu_(values, p.mask[start // 8:-(-stop // 8)], p.dtype)
             flat[start:stop].copy_(values)
-            values = nonzero = None  # free this chunk's temporaries before the next one's
+            values = None  # free this chunk's temporaries before the next one's
         return out
 
 
@@ -330,16 +288,6 @@ def restore_peak_bytes(numel: int, dtype: torch.dtype) -> int:
     chunk = -(-min(numel, restore_chunk(numel)) // GROUP_SIZE) * GROUP_SIZE
     itemsize = torch.empty((), dtype=dtype).element_size()
     return numel * itemsize + RESTORE_TEMP_BYTES_PER_ELEMENT * chunk + 64  # + 0-dim tensors (the fill 0.0)
-
-
-def _pack_bits_1(bits01: Tensor) -> Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits01.device)
-    return (bits01.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
-
-
-def _unpack_bits_1(packed: Tensor) -> Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)
 
 
 # ----------------------------------------------------------------------------- the transform
