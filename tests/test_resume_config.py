@@ -215,7 +215,7 @@ def _changed(cfg: Config, name: str) -> Config:
 
     special = {"model.depth": 20, "model.layers": (1, 1, 1), "model.stem": "imagenet", "data.image_size": 24,
                "data.augment": "none", "data.crop_padding": 1, "distributed.distributed": "deepspeed",
-               "distributed.offload": "optimizer", "train.tags": ("a",)}
+               "distributed.offload": "optimizer", "train.tags": ("a",), "memory.activation_compression": "int8"}
     section, key = name.split(".")
     out = Config.from_dict(cfg.to_dict())
     old = get(cfg, name)
@@ -257,6 +257,8 @@ def test_every_setting_is_either_free_or_changes_the_run():
                                       "image_size": 32},
                              "model": {"stem": "cifar", "layers": [2, 2, 2, 2]}, "distributed": {"distributed": "ddp"}})
     assert differences(base, same) == []
+    unset = Config.from_dict({"data": {"source": "synthetic"}, "memory": {"activation_compression": "none"}})
+    assert base.memory.activation_compression is None and differences(base, unset) == []  # not given = none
     with_steps = Config.from_dict({"train": {"max_steps": 50}})
     assert differences(with_steps, Config.from_dict({"train": {"max_steps": 50, "epochs": 3}})) == []
 

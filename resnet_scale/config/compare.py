@@ -63,6 +63,7 @@ _RESOLVED: dict[str, Callable[[Config], Any]] = {
     "data.augment": lambda c: c.data.resolved_augment(),
     "data.crop_padding": _padding,
     "distributed.distributed": Config.engine,
+    "memory.activation_compression": lambda c: c.memory.activation_compression or "none",  # unset = none
     "train.epochs": lambda c: c.train.epochs if c.train.max_steps is None else None,  # unused with --max-steps
     "data.data_dir": lambda c: c.data.data_dir if c.data.source not in ("synthetic", "digits") else None,
     **{f"data.synthetic_{n}": (lambda c, n=n: getattr(c.data, f"synthetic_{n}")
