@@ -68,6 +68,7 @@ it. Not done yet: a GPU kernel (the quantization is plain torch ops).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import types
 import weakref
@@ -116,6 +117,8 @@ VALUE_RANGE_ATTR = "_rs_value_range"
 _NARROW_INTS = (torch.int8, torch.int16, torch.int32)
 
 _APPLIED_ATTR = "_rs_activation_compression"
+#: The innermost :class:`CompressSaved` being entered (checkpointing then records ReLU decisions).
+ACTIVE: contextvars.ContextVar = contextvars.ContextVar("rs_active_compression", default=None)
 _RELU_NODES = ("ReluBackward", "ThresholdBackward")
 
 
@@ -233,7 +236,16 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         self.min_numel = min_numel
         self.observer = observer
         self._shared: dict[int, tuple[weakref.ref, int, _Packed]] = {}
+        self._tokens: list[contextvars.Token] = []
         super().__init__(self.pack, self.unpack)
+
+    def __enter__(self) -> None:
+        self._tokens.append(ACTIVE.set(self))
+        super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        ACTIVE.reset(self._tokens.pop())
 
     def compresses(self, t: Tensor) -> bool:
         """Whether :meth:`pack` quantizes ``t`` (else it keeps ``t`` as it is)."""
