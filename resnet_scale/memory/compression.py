@@ -246,6 +246,9 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         ACTIVE.reset(self._tokens.pop())
+        # The hooks hold this object (a cycle only the garbage collector breaks): let go of the
+        # packs, so they go with the graph's saved-tensor slots, not at the next collection.
+        self._shared.clear()
 
     def compresses(self, t: Tensor) -> bool:
         """Whether :meth:`pack` quantizes ``t`` (else it keeps ``t`` as it is)."""
