@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .compression import _pack_bits_1, _unpack_bits_1
+from .bits import _pack_bits_1, _unpack_bits_1
 from .tensors import is_dense
 
 __all__ = ["ReluDecisions", "mask_nbytes"]
