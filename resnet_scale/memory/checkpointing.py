@@ -55,6 +55,11 @@ Design decisions
   the buffer updates, so they happen once (checked with backend="aot_eager" and "inductor").
   Dynamo's plain ``backend="eager"`` cannot run a checkpointed BatchNorm at all in torch 2.14
   (a torch limitation: "modified by an inplace operation" on num_batches_tracked).
+* **With activation compression** (``compression.py``) a segment is recomputed from its restored,
+  quantized input; the native path's forward and recompute contexts then also record and replay
+  the segment's ReLU on/off decisions (``relu_decisions.py``), so the recompute makes the
+  forward's decisions. ``impl="fairscale"`` has no such contexts: a compressed forward through
+  it raises RuntimeError (and ``resolve_memory`` refuses the flags together).
 * **Applying twice is an error** (RuntimeError naming the policy already applied); ``none`` is a
   no-op that marks nothing.
 """
