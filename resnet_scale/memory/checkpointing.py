@@ -143,7 +143,7 @@ def _bn_safe_contexts(batchnorms: list[_BatchNorm]):
     compression = ACTIVE.get()
     if compression is None:
         return contextlib.nullcontext(), recompute
-    record, replay = ReluDecisions(compression.observer).contexts()
+    record, replay = ReluDecisions(compression).contexts()
     return record, Both(recompute, replay)
 
 

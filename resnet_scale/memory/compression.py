@@ -222,6 +222,8 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         self.observer = observer
         self._shared: dict[int, tuple[weakref.ref, int, _Packed]] = {}
         self._tokens: list[contextvars.Token] = []
+        #: id -> (weakref, version, 1-bit non-zero mask) a checkpointed segment already recorded
+        self.premade_masks: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         super().__init__(self.pack, self.unpack)
 
     def __enter__(self) -> None:
@@ -234,6 +236,7 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         # The hooks hold this object (a cycle only the garbage collector breaks): let go of the
         # packs, so they go with the graph's saved-tensor slots, not at the next collection.
         self._shared.clear()
+        self.premade_masks.clear()
 
     def compresses(self, t: Tensor) -> bool:
         """Whether :meth:`pack` quantizes ``t`` (else it keeps ``t`` as it is)."""
@@ -266,7 +269,10 @@ class CompressSaved(torch.autograd.graph.saved_tensors_hooks):
         flat = t.detach().as_strided((t.numel(),), (1,))
         codes, lo, step = quantize(flat, self.bits)
         mask = None
-        if stores_mask(t):
+        made = self.premade_masks.get(id(t))
+        if made is not None and made[0]() is t and made[1] == t._version and stores_mask(t):
+            mask = made[2]
+        elif stores_mask(t):
             nonzero = F.pad(flat != 0, (0, (-flat.numel()) % 8)).to(torch.uint8)
             mask = _pack_bits_1(nonzero)
         packed = _Packed(t.shape, t.stride(), t.dtype, t.device, self.bits, codes, lo, step, mask)

@@ -11,7 +11,10 @@ each native checkpoint call gets one :class:`ReluDecisions`:
 * **forward** (checkpoint's ``context_fn`` forward context): a dispatch mode sees every
   ``aten.relu`` / ``relu_`` / ``threshold_`` call inside the segment -- whichever module or
   function made it, an ``nn.ReLU`` used twice per block included -- and keeps its output's
-  decision (``result > threshold``) as a 1-bit mask, packed 8 per byte, in memory order;
+  decision (a ReLU's: non-zero; a threshold's: ``result > threshold``) as a 1-bit mask, packed 8
+  per byte, in memory order. A ReLU output the compression stores too (the segment's output,
+  which the next segment saves as its input) shares that mask: the compression takes it from
+  ``premade_masks`` instead of making an equal one, so it is stored once;
 * **recompute** (the recompute context): the k-th such call gets the k-th mask. Its output is
   the recomputed pre-activation where the forward said "on" (raised to at least the dtype's
   smallest normal number, or just above a non-zero threshold, where it came out below: the
@@ -33,6 +36,7 @@ them per segment (``planner/compressed.py``).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -72,8 +76,9 @@ class ReluDecisions:
     """The recorded decisions of one checkpointed segment call (module docstring). ``observer``
     (the compression's) is called with each stored mask."""
 
-    def __init__(self, observer: Callable[[Tensor], Any] | None = None) -> None:
-        self.observer = observer
+    def __init__(self, compression: Any = None) -> None:
+        self.compression = compression  # the CompressSaved of this forward, if any
+        self.observer: Callable[[Tensor], Any] | None = getattr(compression, "observer", None)
         self.masks: list[tuple[torch.Size, Tensor]] = []
         self.next = 0
 
@@ -81,12 +86,21 @@ class ReluDecisions:
         """(forward context that records, recompute context that replays)."""
         return _Record(self), _Replay(self)
 
-    def record(self, out: Tensor, threshold: float) -> None:
-        on = _flat(out) > threshold
+    def record(self, func: Any, args: tuple, out: Tensor) -> None:
+        threshold, value = _threshold(func, args)
+        relu = threshold == 0.0 and value == 0.0
+        # a ReLU: "on" = non-zero, as the compression's mask of a ReLU output (a NaN stays on)
+        on = _flat(out) != 0 if relu else _flat(out) > threshold
         mask = _pack_bits_1(F.pad(on, (0, (-on.numel()) % 8)).to(torch.uint8))
         self.masks.append((out.shape, mask))
         if self.observer is not None:
             self.observer(mask)
+        if relu and is_dense(out) and self.compression is not None:
+            # the same bits the compression would store with this output, if it saves it (the
+            # segment's output, saved as the next one's input): stored once (version: relu_
+            # increments it after this call)
+            version = out._version + (1 if _RELUS[func] else 0)
+            self.compression.premade_masks[id(out)] = (weakref.ref(out), version, mask)
 
     def replay(self, func: Any, args: tuple) -> Tensor:
         pre = args[0]
@@ -119,7 +133,7 @@ class _Record(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in _RELUS:
-            self.decisions.record(out, _threshold(func, (*args, *(kwargs or {}).values()))[0])
+            self.decisions.record(func, (*args, *(kwargs or {}).values()), out)
         return out
 
 

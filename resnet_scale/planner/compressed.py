@@ -11,7 +11,8 @@ policy, with no further forward:
 * saved = the stored size of each distinct tensor the compressed forward keeps -- with
   checkpointing the stem and head's and each segment's input (the checkpoint saves its input
   through the same hooks) plus the 1-bit decision mask of every ReLU call inside a segment
-  (``memory/relu_decisions.py``), without, every block's too: quantized ones
+  (``memory/relu_decisions.py``; one the compression stores with a mask anyway is shared), without,
+  every block's too: quantized ones
   (:func:`~resnet_scale.memory.compression.packed_nbytes`), narrowed ones, and the others as they
   are (by storage, as the meter counts them). Elements scale linearly between the two probes;
   the ``min_numel`` threshold and the group padding are applied at the micro-batch itself, so
@@ -95,15 +96,17 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
     return total, max(0, peak - total), sum(elements.values())
 
 
-def _segment_masks(p1, p2, segment: list[int], micro_batch: int) -> int:
+def _segment_masks(p1, p2, segment: list[int], micro_batch: int, masked: set[int]) -> int:
     """Bytes of the ReLU decision masks a checkpointed ``segment`` records in a compressed forward
     (``memory/relu_decisions.py``): one per ReLU call in its blocks, i.e. per distinct ReLU output
-    saved there, its own input (an earlier ReLU's output) excepted."""
-    skip = p1.records_inputs[segment[0]].pack
+    saved there, except its own input (an earlier ReLU's output) and those the compression stores
+    with a mask anyway (``masked``: the segment's output, saved by the next segment or the head),
+    whose mask is shared."""
+    skip = masked | {p1.records_inputs[segment[0]].pack}
     sizes: dict[int, int] = {}
     for i in segment:
         for r1, r2 in zip(p1.records_blocks[i], p2.records_blocks[i]):
-            if r1.mask and r1.pack != skip:
+            if r1.mask and r1.pack not in skip:
                 sizes[r1.pack] = mask_nbytes(_line(r1.numel, r2.numel, micro_batch, _PROBE_BATCHES))
     return sum(sizes.values())
 
@@ -134,7 +137,9 @@ def compressed_activation_bytes(key: ModelKey, image_size: int, precision: str, 
         return out
 
     pairs = list(zip(chosen(p1), chosen(p2)))
-    masks = {p1.records_inputs[s[0]].seq: _segment_masks(p1, p2, s, micro_batch) for s in segs}
+    masked = {r1.pack for r1, r2 in pairs
+              if r1.quantized and r1.mask and _line(r1.numel, r2.numel, micro_batch, _PROBE_BATCHES) >= MIN_COMPRESS_NUMEL}
+    masks = {p1.records_inputs[s[0]].seq: _segment_masks(p1, p2, s, micro_batch, masked) for s in segs}
     saved, restore, elements = _evaluate(pairs, bits, micro_batch, _PROBE_BATCHES, recompute, masks)
     return saved, peak, restore, elements
 
