@@ -180,10 +180,11 @@ def test_no_compression_when_it_fits_else_the_mildest():
     assert roomy.settings["activation_compression"] == "none" and "--activation-compression" not in roomy.flags
 
 
-@pytest.mark.parametrize("flag", ["offload_activations", "compile", "given"])
+@pytest.mark.parametrize("flag", ["offload_activations", "compile", "checkpoint_impl", "given"])
 def test_refused_or_explicit_settings_are_kept(flag):
-    """With --offload-activations or --compile (both refuse compression) the planner never proposes
-    it, however tight the budget; an explicit --activation-compression (none too) is kept."""
+    """With --offload-activations, --compile or --checkpoint-impl fairscale (each refuses compression)
+    the planner never proposes it, however tight the budget; an explicit --activation-compression
+    (none too) is kept."""
     cfg = search_config()
     tight = smallest(cfg, "int2")
     if flag == "given":
@@ -193,7 +194,10 @@ def test_refused_or_explicit_settings_are_kept(flag):
             assert {p.settings["activation_compression"] for p in plans} == {mode}
             assert not any("--activation-compression" in p.flags for p in plans)
         return
-    setattr(cfg.memory, flag, True)
+    if flag == "checkpoint_impl":
+        cfg.memory.checkpoint_impl, cfg.memory.checkpointing = "fairscale", "block"
+    else:
+        setattr(cfg.memory, flag, True)
     plan = plan_memory(cfg, tight, device_type="cpu")
     assert not plan.fits and plan.settings["activation_compression"] == "none"
     assert plan_memory(cfg, 8 * GiB, device_type="cpu").settings["activation_compression"] == "none"

@@ -55,6 +55,11 @@ Design decisions
   the buffer updates, so they happen once (checked with backend="aot_eager" and "inductor").
   Dynamo's plain ``backend="eager"`` cannot run a checkpointed BatchNorm at all in torch 2.14
   (a torch limitation: "modified by an inplace operation" on num_batches_tracked).
+* **With activation compression** (``compression.py``) a segment is recomputed from its restored,
+  quantized input; the native path's forward and recompute contexts then also record and replay
+  the segment's ReLU on/off decisions (``relu_decisions.py``), so the recompute makes the
+  forward's decisions. ``impl="fairscale"`` has no such contexts: a compressed forward through
+  it raises RuntimeError (and ``resolve_memory`` refuses the flags together).
 * **Applying twice is an error** (RuntimeError naming the policy already applied); ``none`` is a
   no-op that marks nothing.
 """
@@ -129,7 +134,17 @@ class _RecomputeKeepsBatchNormStats:
 
 
 def _bn_safe_contexts(batchnorms: list[_BatchNorm]):
-    return contextlib.nullcontext(), _RecomputeKeepsBatchNormStats(batchnorms)
+    """checkpoint's (forward, recompute) contexts: BatchNorm-safe; inside a compressed forward,
+    also recording and replaying the segment's ReLU decisions (``relu_decisions.py``)."""
+    from .compression import ACTIVE
+    from .relu_decisions import Both, ReluDecisions
+
+    recompute = _RecomputeKeepsBatchNormStats(batchnorms)
+    compression = ACTIVE.get()
+    if compression is None:
+        return contextlib.nullcontext(), recompute
+    record, replay = ReluDecisions(compression).contexts()
+    return record, Both(recompute, replay)
 
 
 def _run_blocks(stage: nn.Sequential, start: int, stop: int, x: Tensor) -> Tensor:
@@ -179,12 +194,24 @@ def _checkpointed_stage_forward(self: nn.Sequential, x: Tensor) -> Tensor:
         if plan.impl == "native":
             x = _native_segment(self, start, stop, x)
         else:
+            _refuse_compression()
             module = plan.fairscale_modules[i]
             # A fresh weak reference each call (fairscale's own wrapper keeps one made at wrap
             # time, which a deepcopy would leave pointing at the original model).
             forward = functools.partial(_under_autocast, _autocast_state(x), type(module).forward)
             x = plan.fairscale_fn(forward, weakref.ref(module), plan.offload_to_cpu, x)
     return x
+
+
+def _refuse_compression() -> None:
+    from .compression import ACTIVE
+
+    if ACTIVE.get() is not None:
+        raise RuntimeError(
+            "activation compression with impl='fairscale' checkpointing would recompute each segment's "
+            "ReLUs from its quantized input (a biased gradient); use impl='native' "
+            "(--checkpoint-impl native) with activation compression"
+        )
 
 
 def _autocast_state(x: Tensor) -> tuple:

@@ -31,7 +31,8 @@ byte (tests/test_memory_cost.py).
 With activation compression applied (``compression.py``), the figure is what the compressed
 model stores: codes, per-group ranges, ReLU masks, narrowed integer tensors (max-pool indices:
 on the meta device their dtype comes from the range max-pool guarantees, see
-``_BatchNormStatsInFloat32``) and the tensors it keeps as they are.
+``_BatchNormStatsInFloat32``) and the tensors it keeps as they are; with checkpointing as well,
+the 1-bit ReLU decisions each checkpointed segment records (``relu_decisions.py``).
 
 With activation checkpointing applied, the figure is what is stored *outside* recomputation:
 each checkpointed segment's saved input (non-reentrant ``checkpoint`` saves it through the same

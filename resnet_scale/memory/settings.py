@@ -122,6 +122,10 @@ def resolve_memory(cfg: Config, *, world_size: int, device_type: str) -> MemoryS
     if compression != "none" and m.offload_activations:
         raise ConfigError(f"--activation-compression {compression} and --offload-activations both keep the saved "
                           "activations (the compressed ones would not be offloaded); give one of them.")
+    if compression != "none" and m.checkpoint_impl == "fairscale" and policy != "none":
+        raise ConfigError(f"--activation-compression {compression} needs --checkpoint-impl native: fairscale's "
+                          "checkpoint would recompute each segment's ReLUs from its quantized input (a biased "
+                          "gradient); give --checkpoint-impl native or drop one of them.")
     if compression != "none" and m.compile:
         raise ConfigError(f"--activation-compression {compression} does not work with --compile yet "
                           "(its saved-tensor hooks are not traced); give one of them.")

@@ -10,7 +10,9 @@ policy, with no further forward:
 
 * saved = the stored size of each distinct tensor the compressed forward keeps -- with
   checkpointing the stem and head's and each segment's input (the checkpoint saves its input
-  through the same hooks), without, every block's too: quantized ones
+  through the same hooks) plus the 1-bit decision mask of every ReLU call inside a segment
+  (``memory/relu_decisions.py``; one the compression stores with a mask anyway is shared), without,
+  every block's too: quantized ones
   (:func:`~resnet_scale.memory.compression.packed_nbytes`), narrowed ones, and the others as they
   are (by storage, as the meter counts them). Elements scale linearly between the two probes;
   the ``min_numel`` threshold and the group padding are applied at the micro-batch itself, so
@@ -38,6 +40,7 @@ from resnet_scale.memory.compression import (
     packed_nbytes,
     restore_peak_bytes,
 )
+from resnet_scale.memory.relu_decisions import mask_nbytes
 from resnet_scale.planner.profile import (
     _PROBE_BATCHES,
     ModelKey,
@@ -55,7 +58,8 @@ def _line(v1: int, v2: int, b: int, probes: tuple[int, int]) -> int:
     return v1 + (v2 - v1) * (b - probes[0]) // (probes[1] - probes[0])
 
 
-def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict[int, int]) -> tuple[int, int, int]:
+def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict[int, int],
+              masks: dict[int, int] | None = None) -> tuple[int, int, int]:
     """(stored bytes, restore transient, quantized elements) at micro-batch ``b`` of the distinct
     tensors in ``pairs`` (each (record at probe 1, record at probe 2)).
 
@@ -64,7 +68,9 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
     saved it is done, so at tensor j what is alive is everything first saved at or before j, plus
     the restored forms of j and of the tensor saved just before it in the forward, if that is in
     the set (one layer's two: max-pool's input and indices), plus ``recompute[j]`` (the recompute peak of the segment whose input j is).
+    ``masks[j]``: the ReLU decision masks of the segment whose input j is, stored from j's save on.
     The transient is the largest such sum less the stored bytes (never negative)."""
+    masks = dict(masks or {})
     stored: dict[tuple, int] = {}
     events = []  # (seq, key, stored bytes, restore bytes)
     elements: dict[tuple, int] = {}
@@ -79,14 +85,30 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
             key, size, restore = ("storage", r1.storage), _line(r1.nbytes, r2.nbytes, b, probes), 0
         stored[key] = size
         events.append((r1.seq, key, size, restore + recompute.get(r1.seq, 0)))
-    total, alive, seen, peak, previous = sum(stored.values()), 0, set(), 0, (-2, 0)
+    total, alive, seen, peak, previous = sum(stored.values()) + sum(masks.values()), 0, set(), 0, (-2, 0)
     for seq, key, size, restore in sorted(events, key=lambda e: e[0]):
         if key not in seen:
             seen.add(key)
             alive += size
+        alive += masks.pop(seq, 0)
         peak = max(peak, alive + restore + (previous[1] if previous[0] == seq - 1 else 0))
         previous = (seq, restore)
     return total, max(0, peak - total), sum(elements.values())
+
+
+def _segment_masks(p1, p2, segment: list[int], micro_batch: int, masked: set[int]) -> int:
+    """Bytes of the ReLU decision masks a checkpointed ``segment`` records in a compressed forward
+    (``memory/relu_decisions.py``): one per ReLU call in its blocks, i.e. per distinct ReLU output
+    saved there, except its own input (an earlier ReLU's output) and those the compression stores
+    with a mask anyway (``masked``: the segment's output, saved by the next segment or the head),
+    whose mask is shared."""
+    skip = masked | {p1.records_inputs[segment[0]].pack}
+    sizes: dict[int, int] = {}
+    for i in segment:
+        for r1, r2 in zip(p1.records_blocks[i], p2.records_blocks[i]):
+            if r1.mask and r1.pack not in skip:
+                sizes[r1.pack] = mask_nbytes(_line(r1.numel, r2.numel, micro_batch, _PROBE_BATCHES))
+    return sum(sizes.values())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,6 +137,9 @@ def compressed_activation_bytes(key: ModelKey, image_size: int, precision: str, 
         return out
 
     pairs = list(zip(chosen(p1), chosen(p2)))
-    saved, restore, elements = _evaluate(pairs, bits, micro_batch, _PROBE_BATCHES, recompute)
+    masked = {r1.pack for r1, r2 in pairs
+              if r1.quantized and r1.mask and _line(r1.numel, r2.numel, micro_batch, _PROBE_BATCHES) >= MIN_COMPRESS_NUMEL}
+    masks = {p1.records_inputs[s[0]].seq: _segment_masks(p1, p2, s, micro_batch, masked) for s in segs}
+    saved, restore, elements = _evaluate(pairs, bits, micro_batch, _PROBE_BATCHES, recompute, masks)
     return saved, peak, restore, elements
 

@@ -11,8 +11,8 @@ with the same activation compression, nor a stronger compression:
 * ZeRO stage 0-3 and offload -- only with world_size > 1 and no engine settings given; else the
   engine as configured;
 * activation compression -- the user's ``--activation-compression`` if given (``none`` too);
-  else none, int8, int4, int2; only none with ``--offload-activations`` or ``--compile``, which
-  refuse compression.
+  else none, int8, int4, int2; only none with ``--offload-activations``, ``--compile`` or
+  ``--checkpoint-impl fairscale``, which refuse compression.
 
 Each point gets a predicted peak (``estimate_candidate``) and a predicted step time (the time
 model, ``timing.py``: :func:`predicted_step_seconds`); the plan is the point that fits with the
@@ -140,11 +140,11 @@ def _candidates(ctx: PlanContext, given: Candidate) -> list[Candidate]:
 
 
 def _compressions(m) -> list[str]:
-    """The user's --activation-compression if given; none only with --offload-activations or
-    --compile (resolve_memory refuses compression with either); else all of them."""
+    """The user's --activation-compression if given; none only with --offload-activations, --compile
+    or --checkpoint-impl fairscale (resolve_memory refuses compression with each); else all of them."""
     if m.activation_compression is not None:
         return [m.activation_compression]
-    if m.offload_activations or m.compile:
+    if m.offload_activations or m.compile or m.checkpoint_impl == "fairscale":
         return ["none"]
     return list(_COMPRESSIONS)
 
