@@ -203,6 +203,25 @@ def test_refused_or_explicit_settings_are_kept(flag):
     assert plan_memory(cfg, 8 * GiB, device_type="cpu").settings["activation_compression"] == "none"
 
 
+def test_int4_and_int2_are_never_paired_with_checkpointing_unless_both_are_given():
+    """Recomputing a segment from an int4/int2-restored input biases its gradients (int8 stays
+    unbiased): the planner offers those pairs only when the user chose both settings."""
+    from resnet_scale.planner.search import _candidates
+
+    def pairs(cfg):
+        ctx = P.PlanContext.build(cfg, 1, "cpu")
+        return {(c.activation_compression, c.checkpointing) for c in _candidates(ctx, P.given_candidate(cfg, 1, "cpu"))}
+
+    cfg = search_config()
+    found = pairs(cfg)
+    assert {("int8", "block"), ("int2", "none"), ("int4", "none"), ("none", "stage")} <= found
+    assert not {(m, p) for m, p in found if m in ("int4", "int2") and p != "none"}
+    cfg.memory.activation_compression = "int2"
+    assert pairs(cfg) == {("int2", "none")}
+    cfg.memory.checkpointing = "block"  # the user's own pairing is searched, no other
+    assert pairs(cfg) == {("int2", "none"), ("int2", "block")}
+
+
 def test_plan_command_prints_the_flag(capsys):
     """``resnet-scale plan`` adds --activation-compression to the flags when only compression fits."""
     from resnet_scale.cli.plan import main as plan_main
