@@ -5,6 +5,7 @@ errors and the recipes' commands.
 
 import html.parser
 import json
+import shutil
 import os
 import statistics
 import subprocess
@@ -160,6 +161,17 @@ def test_group_by_dotted_resolved_and_single_group(runs_root, tmp_path):
     single = build_report([runs_root / "plain-s0", runs_root / "basic-s1"], tmp_path / "b", group_by="precision")
     assert [g["group"] for g in single["groups"]] == ["fp32"]  # unset in the config: the resolved value
     assert single["differences"] == [] and "Difference from" not in (tmp_path / "b" / "report.md").read_text()
+    # --activation-compression unset (null), absent (a run saved before it existed) or "none": one setting
+    spellings = {"plain-s0": None, "plain-s1": "absent", "plain-s2": "none"}
+    for name, value in spellings.items():
+        shutil.copytree(runs_root / name, tmp_path / "c" / name)
+        payload = json.loads((tmp_path / "c" / name / "config.json").read_text())
+        payload["config"]["memory"].pop("activation_compression", None)
+        if value != "absent":
+            payload["config"]["memory"]["activation_compression"] = value
+        (tmp_path / "c" / name / "config.json").write_text(json.dumps(payload))
+    same = build_report([tmp_path / "c"], tmp_path / "d")
+    assert len(same["groups"]) == 1 and not any("activation_compression" in d for d in same["differ"])
 
 
 def test_bad_input_names_the_folder(runs_root, tmp_path, capsys):

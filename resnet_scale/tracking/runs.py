@@ -112,7 +112,16 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
         raise ReportError(f"{path / 'config.json'} has no \"config\" section; is this a resnet-scale run?")
     _check_numbers(str(path / "summary.json"), summary, SUMMARY_NUMBERS)
+    for (section, key), unset in UNSET_MEANS.items():  # one setting, one spelling
+        fields = payload["config"].get(section)
+        if isinstance(fields, dict) and fields.get(key) is None:
+            fields[key] = unset
     return Run(path=path, payload=payload, summary=summary, records=records)
+
+
+#: Config fields whose unset value (``null``, or absent in a run saved before the field existed)
+#: means one setting: read as that setting, so such runs group with the runs that spelled it out.
+UNSET_MEANS = {("memory", "activation_compression"): "none"}
 
 
 def expand_run_dirs(paths: list[str | Path], *, warn=None) -> list[Path]:
