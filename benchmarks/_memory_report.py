@@ -81,16 +81,19 @@ def _predicted_at(p: dict | None, model: str, precision: str, policy: str, batch
 # ----------------------------------------------------------------------------- rendering
 
 
-def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict:
+    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
