@@ -3,27 +3,15 @@ renders."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "compression_memory.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compression_memory as bm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmarks_compression_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-bm = _load()
 
 
 def test_tiny_model_table_and_page():
