@@ -42,23 +42,19 @@ from resnet_scale.memory.compression import (
 )
 from resnet_scale.memory.relu_decisions import mask_nbytes
 from resnet_scale.planner.profile import (
-    _PROBE_BATCHES,
     ModelKey,
     _policy_bytes,
     _profiles,
     _segments,
     activation_bytes,
+    probe_line,
 )
 from resnet_scale.planner.records import SavedRecord
 
 __all__ = ["compressed_activation_bytes"]
 
 
-def _line(v1: int, v2: int, b: int, probes: tuple[int, int]) -> int:
-    return v1 + (v2 - v1) * (b - probes[0]) // (probes[1] - probes[0])
-
-
-def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict[int, int],
+def _evaluate(pairs, bits: int, b: int, recompute: dict[int, int],
               masks: dict[int, int] | None = None) -> tuple[int, int, int]:
     """(stored bytes, restore transient, quantized elements) at micro-batch ``b`` of the distinct
     tensors in ``pairs`` (each (record at probe 1, record at probe 2)).
@@ -75,14 +71,14 @@ def _evaluate(pairs, bits: int, b: int, probes: tuple[int, int], recompute: dict
     events = []  # (seq, key, stored bytes, restore bytes)
     elements: dict[tuple, int] = {}
     for r1, r2 in pairs:
-        n = _line(r1.numel, r2.numel, b, probes)
+        n = probe_line(r1.numel, r2.numel, b)
         if r1.quantized and n >= MIN_COMPRESS_NUMEL:
             key, size, restore = ("pack", r1.pack), packed_nbytes(n, bits, r1.mask), restore_peak_bytes(n, r1.dtype)
             elements[key] = n
         elif r1.narrow_itemsize and n >= MIN_COMPRESS_NUMEL:
             key, size, restore = ("pack", r1.pack), n * r1.narrow_itemsize, n * r1.itemsize
         else:
-            key, size, restore = ("storage", r1.storage), _line(r1.nbytes, r2.nbytes, b, probes), 0
+            key, size, restore = ("storage", r1.storage), probe_line(r1.nbytes, r2.nbytes, b), 0
         stored[key] = size
         events.append((r1.seq, key, size, restore + recompute.get(r1.seq, 0)))
     total, alive, seen, peak, previous = sum(stored.values()) + sum(masks.values()), 0, set(), 0, (-2, 0)
@@ -107,7 +103,7 @@ def _segment_masks(p1, p2, segment: list[int], micro_batch: int, masked: set[int
     for i in segment:
         for r1, r2 in zip(p1.records_blocks[i], p2.records_blocks[i]):
             if r1.mask and r1.pack not in skip:
-                sizes[r1.pack] = mask_nbytes(_line(r1.numel, r2.numel, micro_batch, _PROBE_BATCHES))
+                sizes[r1.pack] = mask_nbytes(probe_line(r1.numel, r2.numel, micro_batch))
     return sum(sizes.values())
 
 
@@ -124,7 +120,7 @@ def compressed_activation_bytes(key: ModelKey, image_size: int, precision: str, 
     per_segment = _policy_bytes(key, image_size, precision, channels_last, policy)[1]
     # the recompute peak of each segment, at its input's record; the estimate adds the largest
     # (``peak``) on top of everything, so only what exceeds it counts here
-    recompute = {p1.records_inputs[s[0]].seq: _line(*k, micro_batch, _PROBE_BATCHES) - peak
+    recompute = {p1.records_inputs[s[0]].seq: probe_line(*k, micro_batch) - peak
                  for s, k in zip(segs, per_segment)}
 
     def chosen(p) -> list[SavedRecord]:
@@ -138,8 +134,8 @@ def compressed_activation_bytes(key: ModelKey, image_size: int, precision: str, 
 
     pairs = list(zip(chosen(p1), chosen(p2)))
     masked = {r1.pack for r1, r2 in pairs
-              if r1.quantized and r1.mask and _line(r1.numel, r2.numel, micro_batch, _PROBE_BATCHES) >= MIN_COMPRESS_NUMEL}
+              if r1.quantized and r1.mask and probe_line(r1.numel, r2.numel, micro_batch) >= MIN_COMPRESS_NUMEL}
     masks = {p1.records_inputs[s[0]].seq: _segment_masks(p1, p2, s, micro_batch, masked) for s in segs}
-    saved, restore, elements = _evaluate(pairs, bits, micro_batch, _PROBE_BATCHES, recompute, masks)
+    saved, restore, elements = _evaluate(pairs, bits, micro_batch, recompute, masks)
     return saved, peak, restore, elements
 

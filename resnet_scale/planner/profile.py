@@ -276,14 +276,15 @@ def _policy_bytes(key: ModelKey, image_size: int, precision: str, channels_last:
     return (s1, s2), tuple(zip(k1, k2))
 
 
+def probe_line(v1: int, v2: int, micro_batch: int) -> int:
+    """A quantity at ``micro_batch`` from its values ``v1``, ``v2`` at the two probe batches (linear)."""
+    (b1, b2) = _PROBE_BATCHES
+    return v1 + (v2 - v1) * (micro_batch - b1) // (b2 - b1)
+
+
 def _at_batch(saved: tuple[int, int], segs: tuple[tuple[int, int], ...], micro_batch: int) -> tuple[int, int]:
     """(saved, largest recompute peak) at ``micro_batch`` from their values at the two probe batches."""
-    (b1, b2) = _PROBE_BATCHES
-
-    def line(v: tuple[int, int]) -> int:
-        return v[0] + (v[1] - v[0]) * (micro_batch - b1) // (b2 - b1)
-
-    return line(saved), max((line(s) for s in segs), default=0)
+    return probe_line(*saved, micro_batch), max((probe_line(*s, micro_batch) for s in segs), default=0)
 
 
 def activation_bytes(key: ModelKey, image_size: int, precision: str, channels_last: bool,
