@@ -141,6 +141,7 @@ class Suite:
         self.started, self.goals, self.sections = time.perf_counter(), [], {}
         self.current: tuple[str, dict, float] | None = None  # the section being measured
         self.interrupted: str | None = None
+        self.stop_code = 0  # the exit status of the stop signal, once one came
         self.machine = machine(device)
         self.failed = False
         self.watchdog: threading.Timer | None = None
@@ -178,6 +179,7 @@ class Suite:
             os._exit(code)
         self.interrupted = self.where(f"time limit of {self.args.time_limit:g} s reached" if signum == signal.SIGALRM
                                       else f"stopped by {signal.Signals(signum).name}")
+        self.stop_code = code
         md, _ = self.write()
         print(f"[gpu_suite] {self.interrupted}; partial report in {md}", file=sys.stderr, flush=True)
         self.watchdog = threading.Timer(GRACE_S, os._exit, (code,))  # cleanup must not keep it alive
@@ -185,9 +187,17 @@ class Suite:
         self.watchdog.start()
         raise Interrupted(self.interrupted, code)
 
+    def stop_if_asked(self) -> None:
+        """Raise the stop again if one came but its Interrupted was swallowed: a handler's exception
+        raised inside a weakref callback or ``__del__`` (a garbage collection in torch's code) is
+        printed as "Exception ignored" and the code under it goes on."""
+        if self.interrupted is not None:
+            raise Interrupted(self.interrupted, self.stop_code)
+
     def run(self, runners: dict, prof: Profiler, ops) -> None:
         self.write()
         for key in self.args.sections:
+            self.stop_if_asked()
             t0 = time.perf_counter()
             print(f"[gpu_suite] section {key} ({SECTIONS[key]}) ...", flush=True)
             sec = prof.section = {"title": SECTIONS[key], "rows": []}
@@ -200,6 +210,7 @@ class Suite:
                 print(sec["error"], file=sys.stderr)
             finally:
                 ops.free()
+            self.stop_if_asked()  # still the current section: the report marks it interrupted
             sec["wall_s"] = time.perf_counter() - t0
             self.sections[key], self.current = sec, None
             md, _ = self.write()
